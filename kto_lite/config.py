@@ -1,0 +1,237 @@
+"""TrainConfig: every setting of a run, one dataclass.
+
+YAML keys, `--field value` CLI flags and the app's form fields are all generated from the fields
+below, so a name is defined exactly once. Each field carries one line of help (`metadata["help"]`).
+Unknown keys are rejected with a did-you-mean; values are type-checked and cross-checked on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message says which and why."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on ---
+    model: str | None = _f(None, "Hub id or local path of the base model. Empty: the built-in demo model.")
+    data: str | None = _f(None, "Labeled data file (.jsonl/.json/.csv/.parquet) or saved dataset folder.")
+    output_dir: str = _f("runs/kto", "Where the adapter, metrics.jsonl, checkpoints and status.json go.")
+    eval_data: str | None = _f(None, "Held-out data file, evaluated with the same metrics (eval_ prefix).")
+    eval_fraction: float = _f(0.0, "Fraction of `data` held out for evaluation when no eval_data is given.")
+
+    # --- model and adapters ---
+    load_in_4bit: bool = _f(True, "Load the base in 4-bit NF4 (QLoRA). False: unquantized (more memory).")
+    lora_r: int = _f(16, "LoRA rank. Higher: more capacity, more memory; 8-64 is typical.")
+    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r). 2*r is the usual choice.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
+    lora_target_modules: str | list[str] = _f(
+        "all-linear", "Modules that get adapters: 'all-linear' or a list such as [q_proj, v_proj]."
+    )
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: much less memory, ~30% slower.")
+    use_chat_template: bool | None = _f(
+        None, "Wrap plain-text prompts in the tokenizer's chat template. Empty: yes when it has one."
+    )
+
+    # --- the KTO loss (paper eq. 7-8) ---
+    beta: float = _f(0.1, "KTO beta: how far the policy may move from the reference. 0.1 is the usual start.")
+    desirable_weight: float | str = _f(1.0, "lambda_D, weight of desirable examples; 'auto' balances counts.")
+    undesirable_weight: float | str = _f(1.0, "lambda_U, weight of undesirable examples; 'auto' balances counts.")
+    loss_type: str = _f("kto", "'kto' (paper) or 'apo_zero_unpaired' (no z0 reference point).", choices=LOSS_TYPES)
+
+    # --- optimisation ---
+    learning_rate: float = _f(
+        1e-5, "Peak learning rate. LoRA needs ~10x full fine-tuning's 5e-7..1e-6; raise with care."
+    )
+    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0: no clipping).")
+    optimizer: str = _f(
+        "auto", "'auto': paged 8-bit AdamW on GPU, AdamW on CPU; or name one.", choices=OPTIMIZERS
+    )
+    num_epochs: float = _f(1, "Passes over the data. The paper's authors prefer more epochs to a higher rate.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides num_epochs).")
+    batch_size: int = _f(4, "Examples per device per forward pass. z0 is estimated on each batch: >= 4 helps.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step; effective batch 16-128 is best.")
+    max_length: int = _f(1024, "Longest prompt+completion in tokens; the completion tail is cut beyond it.")
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts keep their end (latest turns).")
+    group_by_length: bool = _f(True, "Batch examples of similar length together (less padding, same mix).")
+    precompute_reference: bool = _f(True, "Compute reference log-probs once before training and cache them.")
+    seed: int = _f(42, "Seed for shuffling, KL pairing, LoRA init and dropout.")
+
+    # --- logging, saving, resuming ---
+    logging_steps: int = _f(1, "Write a metrics.jsonl line every this many optimizer steps.")
+    eval_steps: int = _f(50, "Evaluate every this many optimizer steps (and at the end) when there is eval data.")
+    save_steps: int = _f(100, "Save a resumable checkpoint every this many optimizer steps (0: only at the end).")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints in output_dir/checkpoints.")
+    resume_from_checkpoint: bool | str = _f(
+        False, "true: resume from the latest checkpoint in output_dir; or a checkpoint folder."
+    )
+    overwrite_output_dir: bool = _f(False, "Allow replacing a finished run in output_dir (off: refuse).")
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _hints()[f.name]))
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        positive = ["lora_r", "lora_alpha", "beta", "batch_size", "gradient_accumulation_steps",
+                    "max_length", "max_prompt_length", "logging_steps", "eval_steps", "num_epochs"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if value != "auto" and value <= 0:
+                raise ConfigError(f"{name} must be > 0 or 'auto', got {value!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}), or no completion token would be left"
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0 or self.learning_rate > 1e-2:
+            raise ConfigError(f"learning_rate must be in (0, 1e-2], got {self.learning_rate}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be > 0 (or empty to use num_epochs), got {self.max_steps}")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(known))}"
+                raise ConfigError(f"{source}: unknown field '{key}'{hint}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+        """Read a YAML file (or nothing: all defaults), then apply CLI-style overrides on top."""
+        values: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        values.update(overrides or {})
+        return cls.from_dict(values, source=str(path) if path else "config")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--beta 0.2 --lora_target_modules [q_proj,v_proj] --load-in-4bit false` -> dict (values as YAML)."""
+    values, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --field value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        values[key] = yaml.safe_load(value) if value != "" else None
+        i += 1
+    return values
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------------- type coercion
+_HINTS: dict | None = None
+
+
+def _hints() -> dict:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(TrainConfig)
+    return _HINTS
+
+
+def _coerce(name: str, value, hint):
+    """Check `value` against the field's type; accept strings from the CLI/UI ("1e-5", "true", "auto")."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    if isinstance(value, str) and str not in options and typing.get_origin(options[0]) is not list:
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(parsed, str):  # YAML 1.1 reads "2e-5" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        if parsed is not None and not isinstance(parsed, str):
+            return _coerce(name, parsed, hint)
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, float) and value.is_integer() and float not in options:
+            return int(value)
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            if name.endswith("_weight") and value != "auto":
+                continue
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list | tuple):
+            return [str(v) for v in value]
+    wanted = " or ".join("list" if typing.get_origin(o) is list else getattr(o, "__name__", str(o)) for o in options)
+    if name.endswith("_weight"):
+        wanted = "a number or 'auto'"
+    raise ConfigError(f"{name}: expected {wanted}, got {value!r}")

@@ -1,0 +1,72 @@
+"""Sequence log-probs of completions, without ever building a (batch x length x vocab) tensor.
+
+The naive way (`model(...).logits.log_softmax(-1)`) materialises B*T*V logits, in fp32 for the
+softmax: for a 152k vocabulary, batch 4 and 1,024 tokens that alone is 2.5 GB, plus its gradient.
+Here the model body runs to hidden states, only the hidden states that predict a completion token
+are kept, and the output head + log-softmax run on chunks of them. In backward each chunk is
+recomputed (activation checkpointing), so only one (chunk x V) block of logits is ever alive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_SIZE = 1024  # token rows per output-head chunk: chunk * vocab * 4 bytes of fp32 logits
+
+
+def _base_model(model):
+    """The transformers *ForCausalLM under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    logits = head(hidden).float()  # (chunk, V) fp32: the only vocabulary-sized tensor
+    if softcap:  # Gemma-2 style final logit soft-capping
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (chunk,)
+
+
+def completion_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Sum of log p(token) over completion tokens, per sequence. (B, T) x3 -> (B,) float32.
+
+    `completion_mask[b, t]` is 1 when token t of sequence b belongs to the completion; the token
+    is predicted from position t - 1, so the first token of a sequence is never scored.
+    """
+    base = _base_model(model)
+    body, head = base.get_decoder(), base.get_output_embeddings()
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+
+    scored = completion_mask[:, 1:].bool()  # (B, T-1): which next-token predictions count
+    rows = torch.nonzero(scored, as_tuple=True)
+    hidden = hidden[:, :-1][rows]  # (M, H), M = completion tokens in the batch
+    targets = input_ids[:, 1:][rows]  # (M,)
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of keeping them
+            pieces.append(checkpoint(_token_logps, head, h, t, softcap, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(head, h, t, softcap))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, rows[0], token_logps)  # (B,)
+
+
+class PolicyLogps(torch.nn.Module):
+    """`completion_logps` as a module's forward, so DDP (via accelerate) sees the forward and syncs grads."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        return completion_logps(self.model, input_ids, attention_mask, completion_mask)

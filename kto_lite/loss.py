@@ -1,0 +1,74 @@
+"""The KTO loss (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization").
+
+Pure tensor math: no model, no I/O. Every argument is a per-example sequence log-prob, i.e. the sum
+of log p(token) over the completion tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class KTOLossOutput(NamedTuple):
+    loss: torch.Tensor  # () mean of `losses`
+    losses: torch.Tensor  # (B,) weighted per-example losses
+    rewards: torch.Tensor  # (B,) beta * (policy - reference), detached
+    kl: torch.Tensor  # () z0, the detached and clamped reference point
+
+
+def estimate_z0(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """z0 = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)]), detached (paper eq. 7's reference point).
+
+    y'_j is the completion of *another* example (a mismatched pair), so this is a cheap, biased
+    estimate of KL(pi || pi_ref). Under several processes the mean is taken over all of them, so every
+    process uses the same z0. Shapes: (M,) and (M,) -> ().
+    """
+    diff = (policy_kl_logps - reference_kl_logps).detach()
+    diff = diff.to(torch.promote_types(diff.dtype, torch.float32))  # never average in half precision
+    total = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)  # sum of differences and count over processes
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    policy_kl_logps: torch.Tensor,
+    reference_kl_logps: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+) -> KTOLossOutput:
+    """Paper eq. 7 (loss_type "kto"), or APO-zero's unpaired form ("apo_zero_unpaired").
+
+    With r_i = log pi(y_i|x_i) - log pi_ref(y_i|x_i) (policy_logps - reference_logps, shapes (B,)):
+      kto:                desirable:   lambda_D * (1 - sigmoid(beta * (r_i - z0)))
+                          undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r_i)))
+      apo_zero_unpaired:  desirable:   lambda_D * (1 - sigmoid(beta * r_i))
+                          undesirable: lambda_U * sigmoid(beta * r_i)       (no z0 is used)
+    `labels` (B,) is True for desirable examples. The KL log-probs (M,) feed z0 only, which is
+    detached: no gradient flows through it. Returns the mean loss, per-example losses, rewards
+    beta * r_i (detached, as logged) and z0 (0 for apo_zero_unpaired).
+    """
+    labels = labels.bool()
+    r = policy_logps - reference_logps  # (B,)
+    r = r.to(torch.promote_types(r.dtype, torch.float32))
+    if loss_type == "kto":
+        z0 = estimate_z0(policy_kl_logps, reference_kl_logps)
+        desirable_losses = 1 - torch.sigmoid(beta * (r - z0))
+        undesirable_losses = 1 - torch.sigmoid(beta * (z0 - r))
+    elif loss_type == "apo_zero_unpaired":
+        z0 = torch.zeros((), device=r.device)
+        desirable_losses = 1 - torch.sigmoid(beta * r)
+        undesirable_losses = torch.sigmoid(beta * r)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; use 'kto' or 'apo_zero_unpaired'")
+    losses = torch.where(labels, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
+    return KTOLossOutput(losses.mean(), losses, (beta * r).detach(), z0)

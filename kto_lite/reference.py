@@ -1,0 +1,90 @@
+"""Reference log-probs, computed once (adapters off, no grad, large batches) and cached on disk.
+
+A cache entry holds log pi_ref(completion | prompt) for a list of (prompt_ids, completion_ids)
+sequences. Its key hashes everything the numbers depend on: the model (config, quantization,
+dtype and a sample of every weight tensor) and the exact token ids of every sequence, which
+already encode the data, the chat template, truncation lengths and, for KL rows, the pairing. The
+per-epoch reshuffle changes only the order in which cached values are read, never the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .batching import collate
+from .logps import completion_logps
+from .model import reference_mode
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KTO_LITE_CACHE", Path.home() / ".cache" / "kto_lite"))
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the base model's config and a strided sample of every parameter and buffer (adapters excluded)."""
+    h = hashlib.sha256()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h.update(base.config.to_json_string(use_diff=False).encode())
+    for name, tensor in list(base.named_parameters()) + list(base.named_buffers()):
+        if "lora_" in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256]  # cheap: 256 values per tensor
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sequences_fingerprint(sequences: Sequence[tuple[list[int], list[int]]]) -> str:
+    h = hashlib.sha256()
+    for prompt, completion in sequences:
+        h.update(json.dumps([prompt, completion]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model, sequences: Sequence[tuple[list[int], list[int]]], *, pad_token_id: int, batch_size: int,
+    desc: str = "reference log-probs", show_progress: bool = True,
+) -> torch.Tensor:
+    """log pi_ref for each (prompt, completion) pair, (N,) float32 on CPU. Sorted by length to pad little."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    out = torch.zeros(len(sequences), dtype=torch.float32)
+    with reference_mode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
+            idx = order[start : start + batch_size]
+            batch = collate([sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out[idx] = completion_logps(model, **batch).float().cpu()
+    return out
+
+
+def cached_reference_logps(
+    model, sequences, *, pad_token_id: int, batch_size: int, cache_dir: Path | None, fingerprint: str,
+    desc: str = "reference log-probs", show_progress: bool = True,
+) -> torch.Tensor:
+    """compute_reference_logps, read from / written to `cache_dir` (None: no caching)."""
+    if cache_dir is None:
+        return compute_reference_logps(model, sequences, pad_token_id=pad_token_id, batch_size=batch_size,
+                                       desc=desc, show_progress=show_progress)
+    key = hashlib.sha256((fingerprint + sequences_fingerprint(sequences)).encode()).hexdigest()[:32]
+    path = Path(cache_dir) / "reference" / f"{key}.pt"
+    if path.is_file():
+        values = torch.load(path)
+        if values.shape == (len(sequences),):
+            return values
+    values = compute_reference_logps(model, sequences, pad_token_id=pad_token_id, batch_size=batch_size,
+                                     desc=desc, show_progress=show_progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(values, tmp)
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return values

@@ -1,0 +1,156 @@
+"""The output_dir contract (DESIGN.md): status.json, metrics.jsonl, checkpoints/, and its safety rules.
+
+Nothing a user had is overwritten: a finished or interrupted run is refused unless the config asks
+to resume it, or to overwrite it, in which case the old folder is moved aside, not deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from .config import ConfigError, TrainConfig
+
+STATES = ("running", "finished", "stopped", "failed")
+
+
+def read_status(output_dir: str | Path) -> dict | None:
+    path = Path(output_dir) / "status.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """All complete lines of metrics.jsonl (a line being written right now is skipped)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders, oldest first."""
+    folder = Path(output_dir) / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prepare_output_dir(config: TrainConfig) -> Path | None:
+    """Create output_dir, or decide what to do with what is there. Returns a checkpoint to resume from."""
+    out = Path(config.output_dir)
+    resume = config.resume_from_checkpoint
+    if resume not in (False, None, "") and resume is not True:
+        ckpt = Path(resume)
+        if not (ckpt / "trainer_state.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a kto_lite checkpoint folder")
+        return ckpt
+    status = read_status(out)
+    if status and status.get("status") == "running" and _pid_alive(status.get("pid")):
+        raise ConfigError(f"output_dir {out} has a run in progress (pid {status.get('pid')}); stop it first")
+    if resume is True:
+        found = checkpoints(out)
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint in {out / 'checkpoints'} to resume from")
+        return found[-1]
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite_output_dir:
+            what = f"a {status['status']} run" if status else "files"
+            raise ConfigError(
+                f"output_dir {out} already holds {what}. Use another output_dir, resume with "
+                f"--resume_from_checkpoint true, or --overwrite_output_dir true (the old folder is moved aside)"
+            )
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(out), str(aside))
+        print(f"moved the previous run to {aside}")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+class RunDir:
+    """Writes the files of a run. Only the main process writes; the others get no-ops."""
+
+    def __init__(self, path: str | Path, *, main: bool = True):
+        self.path, self.main = Path(path), main
+        self._status: dict = {}
+
+    def status(self, state: str, **fields) -> None:
+        assert state in STATES, state
+        self._status.update(fields, status=state, pid=os.getpid(), updated=time.time())
+        if self.main:
+            _atomic_write(self.path / "status.json", json.dumps(self._status, indent=1))
+
+    def log(self, metrics: dict) -> None:
+        if self.main:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: forget lines logged after the checkpoint, they will be logged again."""
+        if self.main:
+            rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
+            _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, *, keep: int) -> None:
+        if not self.main:
+            return
+        folder = self.path / "checkpoints" / f"checkpoint-{step}"
+        model.save_pretrained(folder)  # adapter weights only: the base never changes
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, folder / "training_state.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+        for old in checkpoints(self.path)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
+    """Restore adapter weights, optimizer, schedule and RNG from a checkpoint; returns its step."""
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    state = torch.load(folder / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return json.loads((folder / "trainer_state.json").read_text())["step"]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)  # readers (the app) never see half a file

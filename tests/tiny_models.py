@@ -1,0 +1,73 @@
+"""Tiny local models and tokenizers for tests: built from scratch, nothing downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = ("the a is are what how why who where when yes no good bad answer question cat dog bird fish red blue "
+         "green one two three four five six seven eight nine ten plus minus equals apple pear tree house car "
+         "road river sun moon star sky day night hot cold big small fast slow up down left right ok fine "
+         "great poor alpha beta gamma delta kappa sigma omega zeta theta lambda : ? . ,").split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<system>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% if m['role'] == 'assistant' %}"
+    "{{ eos_token }} {% endif %}{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model_dir(path: Path, *, seed: int = 0, chat_template: bool = True) -> Path:
+    """A random 2-layer Llama (hidden 64: a 4-bit block size) with a word-level tokenizer, saved to `path`."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(chat_template)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+COLORS = "red blue green big small hot cold fast slow".split()
+THINGS = "cat dog bird fish apple pear tree house car".split()
+
+
+def learnable_rows(n: int, *, seed: int, held_out: bool = False, desirable_only: bool = False) -> list[dict]:
+    """prompt/completion/label rows where desirable answers differ from undesirable ones in a learnable way.
+
+    Train prompts use the first six things, held-out prompts the last three, so a test on held-out
+    prompts measures generalisation, not memorisation.
+    """
+    import random
+
+    rng = random.Random(seed)
+    things = THINGS[6:] if held_out else THINGS[:6]
+    rows = []
+    for i in range(n):
+        prompt = f"what is the {rng.choice(COLORS)} {rng.choice(things)} ?"
+        good = desirable_only or i % 2 == 0
+        completion = "yes good answer ." if good else f"no bad answer . {rng.choice(COLORS)}"
+        rows.append({"prompt": prompt, "completion": completion, "label": good})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
