@@ -28,17 +28,22 @@ def default_cache_dir() -> Path:
 
 
 def model_fingerprint(model) -> str:
-    """Hash of the base model's config and a strided sample of every parameter and buffer (adapters excluded)."""
+    """Hash of the base model's config (incl. quantization and dtype) and its weight files (name, size, mtime).
+
+    The weights on disk, not in memory: bitsandbytes repacks 4-bit weights on their first CPU forward,
+    and a hash of tensors would change under our feet. Adapters are not part of the reference.
+    """
     h = hashlib.sha256()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     h.update(base.config.to_json_string(use_diff=False).encode())
-    for name, tensor in list(base.named_parameters()) + list(base.named_buffers()):
-        if "lora_" in name:
-            continue
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256]  # cheap: 256 values per tensor
-        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        h.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    source = Path(base.config._name_or_path or "")
+    if source.is_dir():
+        for f in sorted(source.iterdir()):
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"):
+                stat = f.stat()
+                h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:  # a hub id: the resolved revision identifies the weights
+        h.update(f"{source}@{getattr(base.config, '_commit_hash', None)}".encode())
     return h.hexdigest()
 
 

@@ -4,13 +4,13 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import make_model_dir
 from transformers import AutoModelForCausalLM
 
 from kto_lite.batching import collate
 from kto_lite.config import TrainConfig
 from kto_lite.logps import completion_logps
 from kto_lite.model import add_lora, compute_dtype, load_base, reference_mode
-from tiny_models import make_model_dir
 
 
 @pytest.fixture(scope="module")
