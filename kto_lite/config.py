@@ -58,6 +58,9 @@ class TrainConfig:
     desirable_weight: float | str = _f(1.0, "lambda_D, weight of desirable examples; 'auto' balances counts.")
     undesirable_weight: float | str = _f(1.0, "lambda_U, weight of undesirable examples; 'auto' balances counts.")
     loss_type: str = _f("kto", "'kto' (paper) or 'apo_zero_unpaired' (no z0 reference point).", choices=LOSS_TYPES)
+    kl_over_step: bool = _f(
+        False, "Estimate z0 over all micro-batches of an optimizer step, not each one: steadier at batch_size 1-2."
+    )
 
     # --- optimisation ---
     learning_rate: float = _f(

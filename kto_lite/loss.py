@@ -37,10 +37,11 @@ def estimate_z0(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor)
 def kto_loss(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
-    policy_kl_logps: torch.Tensor,
-    reference_kl_logps: torch.Tensor,
+    policy_kl_logps: torch.Tensor | None,
+    reference_kl_logps: torch.Tensor | None,
     labels: torch.Tensor,
     *,
+    z0: torch.Tensor | None = None,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -54,14 +55,15 @@ def kto_loss(
       apo_zero_unpaired:  desirable:   lambda_D * (1 - sigmoid(beta * r_i))
                           undesirable: lambda_U * sigmoid(beta * r_i)       (no z0 is used)
     `labels` (B,) is True for desirable examples. The KL log-probs (M,) feed z0 only, which is
-    detached: no gradient flows through it. Returns the mean loss, per-example losses, rewards
+    detached: no gradient flows through it. A precomputed `z0` (from `estimate_z0`, e.g. over all
+    micro-batches of an optimizer step) replaces them. Returns the mean loss, per-example losses, rewards
     beta * r_i (detached, as logged) and z0 (0 for apo_zero_unpaired).
     """
     labels = labels.bool()
     r = policy_logps - reference_logps  # (B,)
     r = r.to(torch.promote_types(r.dtype, torch.float32))
     if loss_type == "kto":
-        z0 = estimate_z0(policy_kl_logps, reference_kl_logps)
+        z0 = estimate_z0(policy_kl_logps, reference_kl_logps) if z0 is None else z0.detach().clamp(min=0)
         desirable_losses = 1 - torch.sigmoid(beta * (r - z0))
         undesirable_losses = 1 - torch.sigmoid(beta * (z0 - r))
     elif loss_type == "apo_zero_unpaired":

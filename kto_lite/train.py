@@ -30,7 +30,7 @@ from .batching import epoch_batches, kl_partners, kto_batch
 from .config import ConfigError, TrainConfig
 from .data import load_data, tokenize
 from .logps import PolicyLogps, completion_logps
-from .loss import kto_loss
+from .loss import estimate_z0, kto_loss
 from .model import (
     add_lora,
     compute_dtype,
@@ -79,7 +79,7 @@ def resolve_defaults(config: TrainConfig) -> TrainConfig:
             raise ConfigError("data: no data file given (a .jsonl/.json/.csv/.parquet file of labeled rows)")
         from .demo import DEMO_SAMPLES
 
-        config.data = str(DEMO_SAMPLES["demo_kto.jsonl"])
+        config.data = str(DEMO_SAMPLES["kto"])
     config.model = resolve_model(config.model)
     return config
 
@@ -210,40 +210,58 @@ class Trainer:
         return split.reference, split.reference_kl[epoch]
 
     # ------------------------------------------------------------------ one micro-batch
-    def _forward(self, split: Split, epoch: int, indices: list[int], *, grad: bool):
-        """kto_loss on one micro-batch. Returns the loss output, policy log-probs, labels and token count."""
-        cfg, model, device = self.config, self.model, self.accelerator.device
-        partners = self._partners(split, epoch)
-        batch = {k: v.to(device) for k, v in kto_batch(split.examples, indices, partners, self.pad_id,
-                                                       cfg.max_length).items()}
-        main = [batch["input_ids"], batch["attention_mask"], batch["completion_mask"]]
-        kl = [batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"]]
-        with nullcontext() if grad else torch.no_grad():
-            policy_logps = self.policy(*main)  # (B,), with grad during training
-        with self.accelerator.autocast(), no_grad_policy(model):
-            policy_kl_logps = completion_logps(model, *kl)  # (B,), only feeds the detached z0
-        if cfg.precompute_reference:
+    def _batch(self, split: Split, epoch: int, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = kto_batch(split.examples, indices, self._partners(split, epoch), self.pad_id, self.config.max_length)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _reference_logps(self, split: Split, epoch: int, batch: dict, prefix: str = "") -> torch.Tensor:
+        """Reference log-probs of the batch's rows (prefix "") or KL rows ("kl_"): cached, or adapters off."""
+        if self.config.precompute_reference:
             reference, reference_kl = self._reference(split, epoch)
-            idx = batch["index"].cpu()
-            reference_logps, reference_kl_logps = reference[idx].to(device), reference_kl[idx].to(device)
-        else:
-            with self.accelerator.autocast(), reference_mode(model):
-                reference_logps, reference_kl_logps = completion_logps(model, *main), completion_logps(model, *kl)
-        out = kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, batch["labels"],
-                       beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                       undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
+            return (reference_kl if prefix else reference)[batch["index"].cpu()].to(self.accelerator.device)
+        with self.accelerator.autocast(), reference_mode(self.model):
+            return completion_logps(self.model, *_rows(batch, prefix))
+
+    def _kl_logps(self, split: Split, epoch: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs of the KL rows, (B,) each: they only feed the detached z0."""
+        with self.accelerator.autocast(), no_grad_policy(self.model):
+            policy_kl_logps = completion_logps(self.model, *_rows(batch, "kl_"))
+        return policy_kl_logps, self._reference_logps(split, epoch, batch, "kl_")
+
+    def _forward(self, split: Split, epoch: int, indices: list[int], *, grad: bool, z0: torch.Tensor | None = None):
+        """kto_loss on one micro-batch (z0 from its own KL rows unless given). Returns the loss output,
+        policy log-probs, labels and token count."""
+        cfg, batch = self.config, self._batch(split, epoch, indices)
+        with nullcontext() if grad else torch.no_grad():
+            policy_logps = self.policy(*_rows(batch))  # (B,), with grad during training
+        reference_logps = self._reference_logps(split, epoch, batch)
+        if z0 is None and cfg.loss_type == "kto":
+            z0 = estimate_z0(*self._kl_logps(split, epoch, batch))
+        out = kto_loss(policy_logps, reference_logps, None, None, batch["labels"], z0=z0, beta=cfg.beta,
+                       desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+                       loss_type=cfg.loss_type)
         return out, policy_logps.detach(), batch["labels"], int(batch["attention_mask"].sum())
+
+    def _step_z0(self, step: int) -> torch.Tensor:
+        """z0 over all micro-batches of one optimizer step (kl_over_step): a steadier estimate at batch size 1."""
+        gas, pairs = self.config.gradient_accumulation_steps, []
+        for micro in range(gas):
+            epoch, position = divmod(step * gas + micro, self.batches_per_epoch)
+            pairs.append(self._kl_logps(self.train_split, epoch,
+                                        self._batch(self.train_split, epoch, self._epoch_plan(epoch)[position])))
+        return estimate_z0(torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs]))
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int, meter: Meter) -> float:
         """gradient_accumulation_steps micro-batches, then one optimizer step. Returns the grad norm."""
         gas = self.config.gradient_accumulation_steps
+        z0 = self._step_z0(step) if self.config.kl_over_step and self.config.loss_type == "kto" else None
         for micro in range(gas):
             epoch, position = divmod(step * gas + micro, self.batches_per_epoch)
             indices = self._epoch_plan(epoch)[position]
             last = micro == gas - 1
             with nullcontext() if last else self.accelerator.no_sync(self.policy):  # sync grads once per step
-                out, policy_logps, labels, tokens = self._forward(self.train_split, epoch, indices, grad=True)
+                out, policy_logps, labels, tokens = self._forward(self.train_split, epoch, indices, grad=True, z0=z0)
                 self.accelerator.backward(out.loss / gas)
             meter.add(out, policy_logps, labels, tokens)
         grad_norm = self.accelerator.clip_grad_norm_(
@@ -368,6 +386,10 @@ class Meter:
             line["rewards/margins"] = line["rewards/chosen"] - line["rewards/rejected"]
         line["count/chosen"], line["count/rejected"] = int(n_good), int(n_bad)
         return line
+
+
+def _rows(batch: dict, prefix: str = "") -> list[torch.Tensor]:
+    return [batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"]]
 
 
 def make_optimizer(model, config: TrainConfig):

@@ -87,3 +87,13 @@ def test_z0_is_clamped_and_detached():
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         kto_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1), loss_type="dpo")
+
+
+def test_given_z0_replaces_the_kl_rows():
+    args = (torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -5.0]))
+    labels = torch.tensor([True, False])
+    from_rows = kto_loss(*args, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -3.0]), labels)
+    given = kto_loss(*args, None, None, labels, z0=torch.tensor(1.5))
+    assert from_rows.kl.item() == given.kl.item() == 1.5
+    torch.testing.assert_close(from_rows.losses, given.losses)
+    assert kto_loss(*args, None, None, labels, z0=torch.tensor(-2.0)).kl.item() == 0.0  # still clamped

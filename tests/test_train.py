@@ -130,6 +130,10 @@ def test_batch_size_one_and_one_sided_data(workdir):
     assert all("rewards/rejected" not in r and "rewards/margins" not in r for r in rows)  # missing side: no key
     report = json.loads((out / "data_report.json").read_text())
     assert report["n_undesirable"] == 0
+    # z0 over the 4 micro-batches of a step instead of each single example
+    out = train(config(workdir, "bs1_step", batch_size=1, gradient_accumulation_steps=4, max_steps=2,
+                       kl_over_step=True), show_progress=False)
+    assert all(0 <= r["kl"] < float("inf") for r in read_metrics(out))
 
 
 def test_existing_run_is_not_overwritten(trained, workdir):
