@@ -238,3 +238,14 @@ def _coerce(name: str, value, hint):
     if name.endswith("_weight"):
         wanted = "a number or 'auto'"
     raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
+
+
+def markdown_table() -> str:
+    """The README's table of fields (tests/test_readme.py keeps README in sync with this)."""
+    defaults = TrainConfig().to_dict()
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for name, help in field_help().items():
+        value = defaults[name]
+        shown = "empty" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{name}` | `{shown}` | {help} |")
+    return "\n".join(rows)
