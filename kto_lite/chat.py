@@ -1,0 +1,349 @@
+"""Chat with a base model or a trained adapter, and record thumbs up / down as KTO data.
+
+`ChatModel` loads the base once (4-bit NF4 by default, as in training) with the adapter on top.
+Answers with the adapter and with the plain base (adapters disabled) come from the same weights,
+which is also how training got its reference model. Replies stream token by token; a stop event
+ends generation itself, not just the display.
+
+`append_feedback` writes a rated reply as one prompt/completion/label row (data format 1), so the
+feedback file is training data for the next round of KTO.
+
+`python -m kto_lite chat [--model M] [--adapter DIR]` is a terminal chat (`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .data import encode_prompt
+from .model import load_adapter, load_base, load_tokenizer, resolve_model
+
+FEEDBACK_FILE = "feedback.jsonl"  # the app's feedback dataset, inside a run folder
+
+
+# --------------------------------------------------------------------------- what a run folder says
+
+
+def run_settings(adapter_dir: str | Path) -> dict:
+    """The run's config.yaml next to the adapter ({} when there is none): model, load_in_4bit, ..."""
+    path = Path(adapter_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    values = yaml.safe_load(path.read_text())
+    return values if isinstance(values, dict) else {}
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on: config.yaml's `model`, else adapter_config.json's."""
+    base = run_settings(adapter_dir).get("model")
+    if not base:
+        config = Path(adapter_dir) / "adapter_config.json"
+        if config.is_file():
+            base = json.loads(config.read_text()).get("base_model_name_or_path")
+    return resolve_model(base)
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        hint = " (training may still be running, or it stopped before saving)" if path.is_dir() else ""
+        raise FileNotFoundError(f"{path}: no adapter here: adapter_config.json is missing{hint}")
+    return path
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class _StopOn(StoppingCriteria):
+    """Ends generation at the next token once any of the events is set (checked once per token)."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+        self.fired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        stop = any(e.is_set() for e in self.events)
+        self.fired |= stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class ChatModel:
+    """A base model, optionally with a LoRA adapter, loaded once for streaming chat.
+
+    model None + adapter: the adapter's base (config.yaml `model`, else adapter_config.json);
+    model None, no adapter: the built-in demo model. load_in_4bit None: the run's setting, else True.
+    One reply is generated at a time (a lock): switching adapters off is a model-wide state.
+    """
+
+    def __init__(self, model: str | None = None, adapter: str | Path | None = None, *,
+                 load_in_4bit: bool | None = None):
+        settings = {}
+        if adapter is not None:
+            adapter = check_adapter_dir(adapter)
+            settings = run_settings(adapter)
+        self.model_name = model or (adapter_base(adapter) if adapter is not None else resolve_model(None))
+        self.adapter_dir = adapter
+        self.load_in_4bit = load_in_4bit if load_in_4bit is not None else bool(settings.get("load_in_4bit", True))
+        self.use_chat_template = settings.get("use_chat_template")  # as in training: same prompt tokens
+
+        tokenizer_source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() \
+            else self.model_name
+        self.tokenizer = load_tokenizer(str(tokenizer_source))
+        self.base = load_base(self.model_name, load_in_4bit=self.load_in_4bit)
+        self.base.config.use_cache = True  # load_base turns the KV cache off for training
+        self.model = load_adapter(self.base, adapter) if adapter is not None else self.base
+        self.model.eval()
+        self.has_adapter = adapter is not None
+        self.last_stats: dict = {}  # of the latest reply: new_tokens, seconds, stopped
+        self._lock = threading.Lock()
+
+    # ---- prompt
+    def prompt_ids(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
+        """Token ids of the conversation, ending where the assistant's reply begins."""
+        messages = normalize_messages(messages)
+        if system_prompt:
+            messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if has_template and self.use_chat_template is not False:
+            return encode_prompt(messages, self.tokenizer)
+        return encode_prompt(plain_prompt(messages), self.tokenizer, use_chat_template=False)
+
+    def _stop_token_ids(self) -> list[int]:
+        """EOS of the tokenizer and of the model's generation config (instruct models list end-of-turn there)."""
+        ids = self.base.generation_config.eos_token_id
+        ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+        return sorted({i for i in ids + [self.tokenizer.eos_token_id] if i is not None})
+
+    # ---- generation
+    def stream(self, messages: list[dict], *, use_adapter: bool = True, max_new_tokens: int = 256,
+               temperature: float = 0.7, top_p: float = 0.9, system_prompt: str | None = None,
+               stop_event: threading.Event | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield the reply text so far after each new piece. temperature 0: greedy.
+
+        use_adapter False answers with the adapters disabled (the base model). Setting stop_event, or
+        closing this generator, ends generation at the next token.
+        """
+        ids = torch.tensor([self.prompt_ids(messages, system_prompt)], device=self.base.device)
+        sampling = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
+        else:  # keep a sampling generation_config from warning about values greedy decoding ignores
+            sampling.update(temperature=None, top_p=None, top_k=None)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        closed = threading.Event()  # set when the consumer goes away: the thread must not run on
+        stop_on = _StopOn(stop_event, closed)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with self._lock, self._adapters(use_adapter), torch.inference_mode():
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    start = time.perf_counter()
+                    out = self.model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                        streamer=streamer, stopping_criteria=StoppingCriteriaList([stop_on]),
+                        eos_token_id=self._stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                    )
+                    self.last_stats = {"new_tokens": out.shape[1] - ids.shape[1],
+                                       "seconds": time.perf_counter() - start,
+                                       "stopped": stop_on.fired}
+            except BaseException as e:  # re-raised in the consumer; end() unblocks it
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="kto_lite-generate", daemon=True)
+        thread.start()
+        text = ""
+        try:
+            for piece in streamer:
+                if not piece:
+                    continue
+                text += piece
+                yield text.lstrip()
+        finally:
+            closed.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def generate(self, messages: list[dict], **kwargs) -> str:
+        """The whole reply (the last text `stream` yields)."""
+        text = ""
+        for text in self.stream(messages, **kwargs):  # noqa: B007 (the last value is the answer)
+            pass
+        return text
+
+    def _adapters(self, on: bool):
+        if self.has_adapter and not on:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """{"role", "content": str} dicts; content given as a list of parts (Gradio, OpenAI) is joined."""
+    out = []
+    for m in messages:
+        content = m.get("content", "")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        elif isinstance(content, dict):
+            content = content.get("text", "")
+        out.append({"role": m["role"], "content": str(content)})
+    return out
+
+
+def plain_prompt(messages: list[dict]) -> str:
+    """A conversation as plain text, for tokenizers without a chat template.
+
+    One user message is its text exactly, as training encodes a plain-text prompt; longer
+    conversations become "System: ...\\nUser: ...\\nAssistant:" transcripts.
+    """
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["Assistant:"])
+
+
+# --------------------------------------------------------------------------- feedback as KTO data
+
+_feedback_lock = threading.Lock()  # appends from threads of this process; flock covers other processes
+
+
+def append_feedback(path: str | Path, prompt: str | list[dict], completion: str, label: bool) -> dict:
+    """Append one prompt/completion/label row (data format 1) to a JSON-lines file; return its counts.
+
+    A conversation that is a single user message is stored as its text, longer ones as messages.
+    """
+    if isinstance(prompt, list):
+        prompt = normalize_messages(prompt)
+        if len(prompt) == 1 and prompt[0]["role"] == "user":
+            prompt = prompt[0]["content"]
+    line = json.dumps({"prompt": prompt, "completion": completion, "label": bool(label)}, ensure_ascii=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _feedback_lock, open(path, "a+", encoding="utf-8") as f, _file_lock(f):
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # a previous writer died mid-line: start on a fresh line
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                line = "\n" + line
+        f.write(line + "\n")
+        f.flush()
+        f.seek(0)
+        return _count(f.read())
+
+
+def feedback_counts(path: str | Path) -> dict:
+    """{"rows", "desirable", "undesirable"} of a feedback file; 0s when it does not exist."""
+    try:
+        return _count(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _count("")
+
+
+def _count(text: str) -> dict:
+    labels = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
+            labels.append(bool(json.loads(line)["label"]))
+    return {"rows": len(labels), "desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
+
+
+@contextlib.contextmanager
+def _file_lock(f):
+    try:
+        import fcntl
+    except ImportError:  # Windows: the in-process lock is all there is
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- terminal chat
+
+HELP = "commands: /reset clears the conversation, /quit (or Ctrl-D) exits; Ctrl-C stops a reply, twice exits"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kto_lite chat", description="Chat with a base model or an adapter.")
+    p.add_argument("--model", help="base model (hub id or path); default: the adapter's base, else the demo model")
+    p.add_argument("--adapter", help="a training run's output_dir (or any PEFT adapter folder)")
+    p.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
+                   help="load the base unquantized (default: as the run was trained, else 4-bit)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (deterministic)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--base", action="store_true", help="answer with the adapter disabled (the base model)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        chat = ChatModel(args.model, args.adapter, load_in_4bit=args.load_in_4bit)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    who = chat.model_name
+    if chat.has_adapter:
+        who += f" + adapter {chat.adapter_dir}" + (" (disabled: --base)" if args.base else "")
+    print(f"chatting with {who}, {'4-bit' if chat.load_in_4bit else 'unquantized'}\n{HELP}", flush=True)
+    options = dict(use_adapter=not args.base, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, system_prompt=args.system)
+    history: list[dict] = []
+    while True:
+        try:
+            user = input("\nyou> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if user.strip() in ("/quit", "/exit"):
+            return 0
+        if user.strip() == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        try:
+            reply = _print_reply(chat, history, options)
+        except KeyboardInterrupt:  # a second Ctrl-C while the first one was stopping the reply
+            print()
+            return 0
+        history.append({"role": "assistant", "content": reply})
+
+
+def _print_reply(chat: ChatModel, history: list[dict], options: dict) -> str:
+    """Stream one reply to stdout; Ctrl-C stops it (the text so far is kept). Returns the reply."""
+    print("bot> ", end="", flush=True)
+    stop, shown = threading.Event(), ""
+    replies = chat.stream(history, stop_event=stop, **options)
+    try:
+        for shown_next in replies:
+            print(shown_next[len(shown):], end="", flush=True)
+            shown = shown_next
+    except KeyboardInterrupt:
+        stop.set()
+        replies.close()  # joins the generation thread, which stops at its next token
+        print(" [stopped]", end="")
+    print(flush=True)
+    return shown

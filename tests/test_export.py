@@ -1,0 +1,139 @@
+"""Export: the zip's contents, a merge into full precision that keeps the adapter's outputs, the CLI."""
+
+import contextlib
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from test_chat import make_adapter_run
+from tiny_models import make_model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kto_lite import export
+from kto_lite.export import estimate_merge_memory, load_snippet, merge_adapter, zip_adapter
+
+RUN_RECORD = ["config.yaml", "metrics.jsonl", "data_report.json", "status.json"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("export") / "base")
+
+
+@pytest.fixture(scope="module")
+def run(base_dir):
+    """An adapter folder laid out like a training run's output_dir, with things a zip must leave out."""
+    run = make_adapter_run(base_dir.parent, base_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run)
+    for name in RUN_RECORD[1:]:
+        (run / name).write_text("{}\n")
+    (run / "feedback.jsonl").write_text('{"prompt": "a", "completion": "b", "label": true}\n')
+    (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-1" / "optimizer.pt").write_bytes(b"0" * 1000)
+    return run
+
+
+@pytest.fixture(scope="module")
+def merged(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "model"  # exists and is empty: allowed
+    return merge_adapter(run, out)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_zip_holds_adapter_tokenizer_and_run_record_only(run, tmp_path):
+    out = zip_adapter(run, tmp_path / "out" / "adapter.zip")
+    names = zipfile.ZipFile(out).namelist()
+    assert all(n.startswith("run/") for n in names)
+    files = {n.removeprefix("run/") for n in names}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            *RUN_RECORD} <= files
+    assert not any("checkpoint" in f or "feedback" in f for f in files)
+    zipfile.ZipFile(out).extractall(tmp_path / "unzipped")
+    assert (tmp_path / "unzipped" / "run" / "adapter_model.safetensors").read_bytes() == \
+        (run / "adapter_model.safetensors").read_bytes()
+    assert not list(out.parent.glob("*.partial"))
+
+
+def test_merged_model_equals_base_plus_adapter(run, base_dir, merged):
+    ids = torch.tensor([[1, 11, 12, 30, 31, 32, 40]])
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), run)
+    expected = logits(with_adapter, ids)
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert torch.allclose(logits(reloaded, ids), expected, atol=1e-4, rtol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    assert not torch.allclose(logits(base, ids), expected, atol=1e-2)  # the adapter did change the model
+    files = {p.name for p in merged.iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files and "adapter_config.json" not in files
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+    assert not list(merged.parent.glob(".*partial*"))
+
+
+def test_merge_in_fp16_and_bad_dtype(run, tmp_path):
+    out = merge_adapter(run, tmp_path / "fp16", dtype="fp16")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    with pytest.raises(ValueError, match="dtype"):
+        merge_adapter(run, tmp_path / "bad", dtype="int3")
+
+
+def test_merge_refuses_a_non_empty_folder(run, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        merge_adapter(run, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_estimate_merge_memory_counts_parameters(base_dir):
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base_dir).parameters())
+    assert estimate_merge_memory(str(base_dir)) == int(n * 4 * 1.2)  # fp32 on CPU
+    assert estimate_merge_memory(str(base_dir), "bf16") == int(n * 2 * 1.2)
+
+
+def _run_snippet(code: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("max_new_tokens=128", "max_new_tokens=5"), {})
+    return out.getvalue()
+
+
+def test_load_snippets_run(run, base_dir, merged):
+    adapter_code = load_snippet(run, "adapter")
+    assert repr(str(base_dir)) in adapter_code and "PeftModel.from_pretrained" in adapter_code
+    assert _run_snippet(adapter_code).strip()
+    merged_code = load_snippet(merged, "merged")
+    assert "AutoModelForCausalLM.from_pretrained" in merged_code and "peft" not in merged_code
+    assert _run_snippet(merged_code).strip()
+    with pytest.raises(ValueError):
+        load_snippet(run, "gguf")
+
+
+def test_cli_zip_merge_and_errors(run, tmp_path, capsys):
+    assert export.main(["--adapter", str(run), "--zip", str(tmp_path / "a.zip")]) == 0
+    assert zipfile.is_zipfile(tmp_path / "a.zip")
+    assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llama"
+    out = capsys.readouterr().out
+    assert "GiB of RAM" in out and "AutoModelForCausalLM.from_pretrained" in out
+    assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 1  # not empty now
+    assert export.main(["--adapter", str(tmp_path / "nothing"), "--zip", str(tmp_path / "b.zip")]) == 1
+    assert "adapter_config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export.main(["--adapter", str(run)])  # --zip or --merge is required
+
+
+def test_merge_refuses_a_quantized_base(run, base_dir, tmp_path):
+    from kto_lite.model import load_base
+
+    load_base(str(base_dir), load_in_4bit=True).save_pretrained(tmp_path / "base4")  # a "-bnb-4bit" checkpoint
+    with pytest.raises(ValueError, match="full-precision"):
+        merge_adapter(run, tmp_path / "out", base=str(tmp_path / "base4"))
+    assert not (tmp_path / "out").exists()
