@@ -140,10 +140,9 @@ class Trainer:
         self.eval_split = Split(tokenize(eval_examples, self.tokenizer, **tok)) if eval_examples else None
         if not self.train_split.examples:
             raise ValueError(f"{config.data}: no usable example left after tokenization (see data_report.json)")
-        for report_field, name in (("suggested_desirable_weight", "desirable_weight"),
-                                   ("suggested_undesirable_weight", "undesirable_weight")):
-            if getattr(config, name) == "auto":
-                setattr(config, name, float(getattr(report, report_field)))
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(config, name) == "auto":  # the report's suggestion for the examples kept (paper eq. 8)
+                setattr(config, name, float(getattr(report, name)))
         if accelerator.is_main_process:
             report.save(run.path / "data_report.json")
             config.save(run.path / "config.yaml")

@@ -121,6 +121,20 @@ def test_gradients_reach_only_lora_and_the_base_never_changes(workdir):
             assert torch.equal(p.detach(), frozen[n]), n
 
 
+def test_auto_weights_follow_the_paper_rule(workdir):
+    rows = learnable_rows(40, seed=4)
+    rows = [r for i, r in enumerate(rows) if r["label"] or i % 4 == 1]  # 20 desirable : 10 undesirable
+    write_jsonl(workdir / "imbalanced.jsonl", rows)
+    cfg = resolve_defaults(config(workdir, "auto", data=str(workdir / "imbalanced.jsonl"),
+                                  desirable_weight="auto", undesirable_weight="auto", max_steps=1))
+    prepare_output_dir(cfg)
+    Trainer(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), _StopFlag(), show_progress=False)
+    ratio = cfg.desirable_weight * 20 / (cfg.undesirable_weight * 10)
+    assert 1 <= ratio <= 4 / 3 + 1e-9 and max(cfg.desirable_weight, cfg.undesirable_weight) == 1.0
+    saved = TrainConfig.load(workdir / "auto" / "config.yaml")
+    assert saved.desirable_weight == cfg.desirable_weight != 1.0
+
+
 def test_batch_size_one_and_one_sided_data(workdir):
     write_jsonl(workdir / "good_only.jsonl", learnable_rows(12, seed=3, desirable_only=True))
     out = train(config(workdir, "bs1", data=str(workdir / "good_only.jsonl"), batch_size=1,
