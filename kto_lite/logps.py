@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_SIZE = 1024  # token rows per output-head chunk: chunk * vocab * 4 bytes of fp32 logits
+CHUNK_ELEMENTS = 2**25  # logits per output-head chunk: 128 MiB in fp32 (~16 bytes/logit alive in backward)
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Token rows per chunk: 1024 for a 32k vocabulary, 221 for Qwen's 152k, 128 for Gemma's 256k."""
+    return max(64, CHUNK_ELEMENTS // vocab_size)
 
 
 def _base_model(model):
@@ -32,7 +37,7 @@ def completion_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sum of log p(token) over completion tokens, per sequence. (B, T) x3 -> (B,) float32.
 
@@ -48,6 +53,7 @@ def completion_logps(
     hidden = hidden[:, :-1][rows]  # (M, H), M = completion tokens in the batch
     targets = input_ids[:, 1:][rows]  # (M,)
     softcap = getattr(base.config, "final_logit_softcapping", None)
+    chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
 
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):

@@ -83,6 +83,12 @@ def add_lora(model, config: TrainConfig) -> PeftModel:
     )
     for p in model.parameters():  # only LoRA weights train; peft freezes the rest, we make sure
         p.requires_grad_(False)
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights into a CPU inference layout on the first eval-mode no-grad
+        # pass (our reference and KL passes); its kernel then returns no gradient to its input, which
+        # silently corrupts LoRA gradients of earlier layers. Training models keep the trainable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         # non-reentrant checkpointing needs no `enable_input_require_grads` hack and works with

@@ -22,6 +22,8 @@ from .batching import collate
 from .logps import completion_logps
 from .model import reference_mode
 
+REFERENCE_BATCH_MULTIPLIER = 2  # no-grad batches of 2 x batch_size: faster, and below the training peak
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KTO_LITE_CACHE", Path.home() / ".cache" / "kto_lite"))

@@ -40,7 +40,12 @@ from .model import (
     reference_mode,
     resolve_model,
 )
-from .reference import cached_reference_logps, default_cache_dir, model_fingerprint
+from .reference import (
+    REFERENCE_BATCH_MULTIPLIER,
+    cached_reference_logps,
+    default_cache_dir,
+    model_fingerprint,
+)
 from .run_dir import RunDir, load_checkpoint, prepare_output_dir
 
 OOM_ADVICE = ("out of GPU memory. Lower batch_size (and raise gradient_accumulation_steps to keep the "
@@ -195,8 +200,8 @@ class Trainer:
             if self._fingerprint is None:
                 self._fingerprint = model_fingerprint(self.model) + f"|4bit={self.config.load_in_4bit}"
             ex, partners = split.examples, self._partners(split, epoch)
-            kw = dict(pad_token_id=self.pad_id, batch_size=self.config.batch_size * 4, cache_dir=self.cache_dir,
-                      fingerprint=self._fingerprint, show_progress=self.show_progress)
+            kw = dict(pad_token_id=self.pad_id, batch_size=self.config.batch_size * REFERENCE_BATCH_MULTIPLIER,
+                      cache_dir=self.cache_dir, fingerprint=self._fingerprint, show_progress=self.show_progress)
             self.run.status("running", phase=f"reference log-probs (epoch {epoch + 1})")
             with self.accelerator.autocast():
                 if split.reference is None:
@@ -254,6 +259,9 @@ class Trainer:
     def train_step(self, step: int, meter: Meter) -> float:
         """gradient_accumulation_steps micro-batches, then one optimizer step. Returns the grad norm."""
         gas = self.config.gradient_accumulation_steps
+        if self.config.precompute_reference:  # a new epoch's KL pairing: its reference pass before any activation
+            for micro in range(gas):
+                self._reference(self.train_split, (step * gas + micro) // self.batches_per_epoch)
         z0 = self._step_z0(step) if self.config.kl_over_step and self.config.loss_type == "kto" else None
         for micro in range(gas):
             epoch, position = divmod(step * gas + micro, self.batches_per_epoch)
