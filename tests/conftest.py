@@ -6,6 +6,7 @@ Nothing is downloaded: the tokenizers are trained here on a few sentences with t
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / datasets are imported anywhere
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import csv  # noqa: E402
 import functools  # noqa: E402
@@ -13,6 +14,12 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reference_cache(tmp_path_factory):
+    """Reference log-prob caches go to a fresh folder per test session, never to the user's ~/.cache."""
+    os.environ["KTO_LITE_CACHE"] = str(tmp_path_factory.mktemp("kto_lite_cache"))
 
 # --- tokenizers ---
 

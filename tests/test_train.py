@@ -28,7 +28,6 @@ CONTRACT_KEYS = {"step", "epoch", "loss", "kl", "rewards/chosen", "rewards/rejec
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    os.environ["KTO_LITE_CACHE"] = str(root / "cache")
     make_model_dir(root / "model")
     write_jsonl(root / "train.jsonl", learnable_rows(96, seed=0))
     write_jsonl(root / "heldout.jsonl", learnable_rows(40, seed=1, held_out=True))

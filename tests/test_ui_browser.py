@@ -1,0 +1,106 @@
+"""The app in a real browser: headless Debian chromium driven by playwright.
+
+Goes through all four tabs: uploads a file, starts a training and stops it (the stop saves the
+adapter), chats with the result, opens the export tab. A screenshot of each tab goes to
+artifacts/screenshots/. Skipped when chromium is not installed, except in CI (CI=true), where
+that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from test_ui_e2e import model_and_data, running_app
+
+CHROMIUM = shutil.which("chromium")
+SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 3200}
+CONTENT_BOTTOM = """Math.max(...[...document.querySelectorAll('.block, .form, button')]
+    .filter(e => e.offsetParent !== null && !e.closest('footer')).map(e => e.getBoundingClientRect().bottom))"""
+# ^ where the page's content ends (the container itself stretches to the viewport's height)
+TIMEOUT_MS = int(os.environ.get("UI_TEST_TIMEOUT_MS", 120_000))
+
+if CHROMIUM is None and os.environ.get("CI") != "true":
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture
+def page():
+    assert CHROMIUM, "CI=true but chromium is missing: .ci/run installs it with apt"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        page.set_default_timeout(TIMEOUT_MS)
+        yield page
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    """The page down to its end. The viewport is already taller than the page (see VIEWPORT): a
+    capture that must resize the page makes the plots redraw half-way."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(800)  # let plots finish drawing
+    height = page.evaluate(CONTENT_BOTTOM)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), clip={"x": 0, "y": 0, "width": VIEWPORT["width"],
+                                                           "height": min(height + 24, VIEWPORT["height"])})
+
+
+def fill_number(page, label: str, value) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")  # Gradio reads a number on blur
+
+
+def test_all_tabs_train_and_stop(tmp_path, page):
+    model, data = model_and_data(tmp_path)
+    with running_app(tmp_path / "runs") as url:
+        page.goto(url)
+        page.get_by_role("tab", name="Data").click()
+        shot(page, "0-empty")
+
+        page.locator("input[type=file]").first.set_input_files(str(data))
+        page.get_by_text("Preview (first 50 examples)").wait_for()
+        page.get_by_text(re.compile("suggested weights")).first.wait_for()
+        shot(page, "1-data")
+
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_text("Training data:").wait_for()
+        if model:
+            page.locator("label", has=page.get_by_text("model", exact=True)).locator("textarea").fill(model)
+        page.get_by_text("LoRA, lengths and seed").click()  # a closed accordion
+        for label, value in {"max steps": 400, "batch size": 2, "gradient accumulation steps": 1,
+                             "max length": 64, "max prompt length": 32}.items():
+            fill_number(page, label, value)
+        page.get_by_role("button", name="▶ Start").click()
+        page.get_by_text("Started").wait_for()
+        page.locator(".kto-running").wait_for()
+        page.get_by_text(re.compile(r"step ([5-9]|\d\d+) / 400")).wait_for()  # training, a few points plotted
+        page.get_by_role("button", name=re.compile("Stop")).first.click()
+        page.locator(".kto-stopped").wait_for()
+        page.get_by_text("Show as recipe").click()
+        page.get_by_role("button", name="Show the YAML and command for these settings").click()
+        page.get_by_text("Estimated GPU memory").wait_for()
+        shot(page, "2-train")
+
+        page.get_by_role("tab", name="Chat").click()
+        page.get_by_role("checkbox", name=re.compile("side by side")).check()
+        page.get_by_placeholder("Message").fill("What is 29 + 49?")
+        page.get_by_role("button", name="Send").click()
+        page.get_by_text(re.compile(r"tokens in [\d.]+ s")).wait_for()
+        page.get_by_label("Like", exact=True).first.click()
+        page.get_by_text(re.compile(r"1 liked / 0 disliked")).wait_for()
+        shot(page, "3-chat")
+
+        page.get_by_role("tab", name="Export").click()
+        page.get_by_text("needs about").wait_for()
+        page.get_by_role("button", name="Make the zip").click()
+        page.get_by_text("adapter.zip").first.wait_for()
+        shot(page, "4-export")

@@ -1,0 +1,1 @@
+"""The kto_lite Gradio app: `python -m ui` (see docs/ui.md)."""

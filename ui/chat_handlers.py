@@ -1,0 +1,267 @@
+"""Handlers of the Chat and Export tabs.
+
+One `kto_lite.chat.ChatModel` is kept loaded at a time (switching tabs or sending another message
+does not reload it). Base and tuned answers come from that one copy, with the adapters switched off
+for the base. Thumbs up / down append rows to a feedback file that the Data tab offers as training
+data. Export zips an adapter in-process (cheap) and merges with `python -m kto_lite export` in a
+subprocess, so the full-precision copy of the base never lives in the app's memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from . import jobs
+from .handlers import SETTINGS, run_folder
+
+BASE = "__base__"  # the chat source "base model, no adapter"
+_STOP = threading.Event()  # set by the Stop button: generation ends at its next token
+_CACHE: dict = {"key": None, "model": None}
+_CACHE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------- choosing and loading a model
+def chat_choices() -> list[tuple[str, str]]:
+    """Runs with a saved adapter (finished, or stopped: a stop saves it too), then the base model."""
+    runs = [(f"{run.name} · {jobs.run_state(run).state}", str(run))
+            for run in jobs.list_runs(SETTINGS.runs_dir) if jobs.has_adapter(run)]
+    return runs + [("Base model only (no adapter)", BASE)]
+
+
+def refresh_chat_choices(current: str | None):
+    """On opening the tab: list the runs again; nothing chosen yet picks the newest run."""
+    choices = chat_choices()
+    values = [v for _, v in choices]
+    return gr.update(choices=choices, value=current if current in values else values[0])
+
+
+def get_chat_model(source: str, base_model: str | None = None):
+    """The loaded ChatModel for `source` (a run folder or BASE), loading it if it is not the cached one."""
+    from kto_lite.chat import ChatModel
+
+    key = (source, (base_model or "").strip() if source == BASE else "")
+    with _CACHE_LOCK:
+        if _CACHE["key"] != key:
+            _CACHE.update(key=None, model=None)  # free the old weights before loading new ones
+            gc.collect()
+            if source == BASE:
+                model = ChatModel(model=key[1] or None)
+            else:
+                model = ChatModel(adapter=run_folder(source))
+            _CACHE.update(key=key, model=model)
+        return _CACHE["model"]
+
+
+def source_changed(source: str | None, side_by_side: bool):
+    """New source: clear both conversations, label the columns, show the feedback counts."""
+    label = "Tuned (adapter on)" if source not in (None, BASE) else "Base model"
+    base = gr.update(value=[], visible=_side_by_side(source, side_by_side))
+    return gr.update(value=[], label=label), base, feedback_summary(source)
+
+
+def base_column(source: str | None, side_by_side: bool):
+    """The base-model column shows in side-by-side mode, when there is an adapter to compare with."""
+    return gr.update(visible=_side_by_side(source, side_by_side))
+
+
+def _side_by_side(source: str | None, side_by_side: bool) -> bool:
+    return bool(side_by_side) and source not in (None, BASE)
+
+
+def clear_chat():
+    return [], [], ""
+
+
+# ---------------------------------------------------------------------- chatting
+def _messages(history) -> list[dict]:
+    from kto_lite.chat import normalize_messages
+
+    return normalize_messages(history or [])
+
+
+def chat_send(message: str, tuned_history, base_history, source: str, base_model: str, side_by_side: bool,
+              system_prompt: str, temperature: float, top_p: float, max_new_tokens: int):
+    """Stream a reply (or two: base then tuned, in side-by-side mode). Yields (box, tuned, base, status)."""
+    tuned_history, base_history = _messages(tuned_history), _messages(base_history)
+    if not (message or "").strip():
+        yield gr.skip(), gr.skip(), gr.skip(), "Type a message first."
+        return
+    if not source:
+        yield gr.skip(), gr.skip(), gr.skip(), "Choose a model first."
+        return
+    _STOP.clear()
+    user = {"role": "user", "content": message}
+    tuned_history.append(user)
+    both = _side_by_side(source, side_by_side)
+    if both:
+        base_history.append(user)
+    yield "", tuned_history, base_history, "Loading the model (once; it stays loaded)..."
+    try:
+        model = get_chat_model(source, base_model)
+    except (OSError, ValueError, RuntimeError) as e:
+        tuned_history.pop()
+        yield message, tuned_history, base_history, f"**Error:** could not load the model: {e}"
+        return
+    seed = random.randrange(2**31)  # one seed for both sides: differences come from the adapter, not sampling
+    options = dict(system_prompt=(system_prompt or "").strip() or None, temperature=float(temperature),
+                   top_p=float(top_p), max_new_tokens=int(max_new_tokens), stop_event=_STOP, seed=seed)
+    sides = [(base_history, False), (tuned_history, True)] if both else [(tuned_history, model.has_adapter)]
+    for history, use_adapter in sides:
+        prompt = list(history)
+        history.append({"role": "assistant", "content": ""})
+        for text in model.stream(prompt, use_adapter=use_adapter, **options):
+            history[-1]["content"] = text
+            yield gr.skip(), tuned_history, base_history, "Generating..."
+        if _STOP.is_set():
+            break
+    stats = model.last_stats
+    status = "■ Stopped." if _STOP.is_set() else (
+        f"{stats.get('new_tokens', 0)} tokens in {stats.get('seconds', 0):.1f} s" if stats else "")
+    yield gr.skip(), tuned_history, base_history, status
+
+
+def stop_chat() -> str:
+    _STOP.set()
+    return "■ Stopping..."
+
+
+# ---------------------------------------------------------------------- feedback
+def feedback_path(source: str | None, base_model: str | None = None) -> Path:
+    """<run>/feedback.jsonl for a run; runs/_feedback/<model>.jsonl for the base model."""
+    if source and source != BASE:
+        return run_folder(source) / jobs.FEEDBACK_NAME
+    name = jobs.slugify(Path((base_model or "").rstrip("/")).name, default="demo")
+    return SETTINGS.runs_dir / "_feedback" / f"{name}.jsonl"
+
+
+def feedback_summary(source: str | None, base_model: str | None = None) -> str:
+    from kto_lite.chat import feedback_counts
+
+    if not source:
+        return ""
+    path = feedback_path(source, base_model)
+    c = feedback_counts(path)
+    if not c["rows"]:
+        return "Rate replies with the thumbs under them: each rating becomes a training example for the next round."
+    return (f"**Feedback so far:** {c['desirable']} liked / {c['undesirable']} disliked, saved in `{path}`. "
+            "Train on it: **Data** tab → *feedback from the Chat tab*.")
+
+
+def record_feedback(source: str, base_model: str, prompt: list[dict] | str, completion: str, liked: bool) -> str:
+    """Append one rated reply to the feedback file of `source`; returns the counts line."""
+    from kto_lite.chat import append_feedback
+
+    append_feedback(feedback_path(source, base_model), prompt, completion, bool(liked))
+    return feedback_summary(source, base_model)
+
+
+def api_record_feedback(source: str, base_model: str, prompt: str, completion: str, liked: bool) -> str:
+    """API endpoint (scripts, tests): rate one reply to a single-message prompt."""
+    return record_feedback(source, base_model, prompt, completion, liked)
+
+
+def on_like(history, source: str, base_model: str, evt: gr.LikeData) -> str:
+    """A thumbs up / down on a reply: the conversation before it is the prompt, the reply the completion."""
+    messages = _messages(history)
+    index = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+    if not isinstance(evt.liked, bool) or not 0 <= index < len(messages):  # un-rating: nothing to record
+        return gr.skip()
+    if messages[index]["role"] != "assistant":
+        return gr.skip()
+    return record_feedback(source, base_model, messages[:index], messages[index]["content"], evt.liked)
+
+
+# ---------------------------------------------------------------------- Export tab
+def export_choices(current: str | None = None):
+    choices = [(f"{run.name} · {jobs.run_state(run).state}", str(run))
+               for run in jobs.list_runs(SETTINGS.runs_dir) if jobs.has_adapter(run)]
+    values = [v for _, v in choices]
+    return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+
+def zip_run(run: str | None):
+    """(zip file for download, message). The zip goes to a temporary folder Gradio may serve."""
+    from kto_lite.export import zip_adapter
+
+    if not run:
+        return None, "Choose a run with a saved adapter first."
+    run = run_folder(run)
+    out = Path(tempfile.gettempdir()) / "kto_lite_exports" / f"{Path(run).name}-adapter.zip"
+    zip_adapter(run, out)
+    return str(out), f"`{out.name}`: {out.stat().st_size / 2**20:.2f} MiB (adapter, tokenizer, config, metrics)."
+
+
+def merge_notice(run: str | None) -> str:
+    """What a merge needs: the base reloaded in full precision on the CPU."""
+    if not run:
+        return "Train a run first: only runs with a saved adapter can be exported."
+    import psutil
+
+    from kto_lite.chat import adapter_base
+
+    run = run_folder(run)
+    from kto_lite.export import estimate_merge_memory
+
+    base = adapter_base(run)
+    try:
+        need = estimate_merge_memory(base)
+    except (OSError, ValueError) as e:
+        return f"⚠ Merging reloads `{base}` in full precision (could not estimate the memory: {e})."
+    free = psutil.virtual_memory().available
+    verdict = "✓" if need < free else "⚠ **not enough free RAM**:"
+    return (f"{verdict} Merging reloads `{base}` unquantized on the CPU (never into the 4-bit weights) and "
+            f"needs about **{_size(need)}** of RAM; {_size(free)} is free now. The merged model is saved "
+            "in the run folder, under `merged/`.")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def merge_run(run: str | None):
+    """Run `python -m kto_lite export --adapter RUN --merge RUN/merged`, streaming its output.
+
+    Yields (merge log, load snippet); the log box is shown once there is something in it.
+    """
+    def show(text: str):
+        return gr.update(value=text, visible=True)
+
+    if not run:
+        yield show("Choose a run first."), gr.skip()
+        return
+    run = run_folder(run)
+    out = run / "merged"
+    if out.exists():
+        yield show(f"{out} already exists (merged before)."), load_code(run, "merged")
+        return
+    argv = [sys.executable, "-m", "kto_lite", "export", "--adapter", str(run), "--merge", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = f"$ python {' '.join(argv[1:])}\n"
+    for line in proc.stdout:
+        log += line
+        yield show(log), gr.skip()
+    proc.wait()
+    if proc.returncode != 0:
+        yield show(log + f"\nmerge failed (exit code {proc.returncode})"), gr.skip()
+        return
+    yield show(log), load_code(run, "merged")
+
+
+def load_code(run: str | None, kind: str = "adapter") -> str:
+    from kto_lite.export import load_snippet
+
+    if not run:
+        return ""
+    run = run_folder(run)
+    path = run / "merged" if kind == "merged" else run
+    if not (path / "config.json").is_file() and kind == "merged":
+        return "# merge the adapter first (Merge button above)"
+    return load_snippet(path, kind)
