@@ -59,6 +59,15 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
+@pytest.fixture(autouse=True)
+def _restore_cpu_autocast():
+    """torch.autocast saves the previous state with torch.is_autocast_enabled, which `load` patches to
+    True in autocast mode: on exit it would leave CPU autocast on for every later test. Put it back."""
+    before = torch.is_autocast_enabled("cpu")
+    yield
+    torch.set_autocast_enabled("cpu", before)
+
+
 def train_config(model_dir, **kw) -> TrainConfig:
     values = dict(model=str(model_dir), batch_size=B, max_length=T, max_prompt_length=PROMPT, lora_r=16,
                   lora_alpha=32)
