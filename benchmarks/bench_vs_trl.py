@@ -332,9 +332,7 @@ def watch_bnb_cpu_repack(allow: bool) -> list[int]:
 
         def load_base_without_repack(*a, **kw):
             model = load_base(*a, **kw)
-            for module in model.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
+            kto_lite.model.keep_4bit_layout_trainable(model)
             return model
 
         kto_lite.model.load_base = kto_lite.train.load_base = load_base_without_repack

@@ -72,6 +72,19 @@ def load_base(name: str | None, *, load_in_4bit: bool = True):
     return model
 
 
+def keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight on its first eval-mode
+    no-grad forward (our reference and KL passes); its kernel then returns no gradient to its input,
+    which silently corrupts the LoRA gradients of every earlier layer. Models that train keep the
+    trainable layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def add_lora(model, config: TrainConfig) -> PeftModel:
     """Attach fresh LoRA adapters (B = 0, so the policy starts exactly equal to the reference)."""
     lora = LoraConfig(
@@ -83,12 +96,7 @@ def add_lora(model, config: TrainConfig) -> PeftModel:
     )
     for p in model.parameters():  # only LoRA weights train; peft freezes the rest, we make sure
         p.requires_grad_(False)
-    for module in model.modules():
-        # bitsandbytes repacks 4-bit weights into a CPU inference layout on the first eval-mode no-grad
-        # pass (our reference and KL passes); its kernel then returns no gradient to its input, which
-        # silently corrupts LoRA gradients of earlier layers. Training models keep the trainable layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layout_trainable(model)
     model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         # non-reentrant checkpointing needs no `enable_input_require_grads` hack and works with

@@ -198,7 +198,7 @@ class Trainer:
         """Cached reference log-probs of the examples and of this epoch's KL rows, (N,) each."""
         if split.reference is None or epoch not in split.reference_kl:
             if self._fingerprint is None:
-                self._fingerprint = model_fingerprint(self.model) + f"|4bit={self.config.load_in_4bit}"
+                self._fingerprint = model_fingerprint(self.model)  # config incl. quantization + weight files
             ex, partners = split.examples, self._partners(split, epoch)
             kw = dict(pad_token_id=self.pad_id, batch_size=self.config.batch_size * REFERENCE_BATCH_MULTIPLIER,
                       cache_dir=self.cache_dir, fingerprint=self._fingerprint, show_progress=self.show_progress)

@@ -80,12 +80,8 @@ def load(config: TrainConfig, monkeypatch, mode: str = "fp32"):
         monkeypatch.setattr(kto_model, "compute_dtype", lambda: torch.bfloat16)
     if mode == "autocast":  # peft skips its fp32 input cast when it sees autocast, as on CUDA
         monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: True)
+    # add_lora keeps bitsandbytes' trainable 4-bit layout (keep_4bit_layout_trainable), as in training
     model = kto_model.add_lora(kto_model.load_base(config.model, load_in_4bit=config.load_in_4bit), config)
-    for module in model.modules():
-        # bitsandbytes repacks 4-bit weights for CPU inference on the first no-grad eval pass, after
-        # which training matmuls stop passing gradients to their input: keep the GPU-like layout
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
     model.train()
     return model
 
