@@ -10,14 +10,12 @@ Design: the order and the KL pairing of an epoch are pure functions of (seed, ep
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-
-if TYPE_CHECKING:
-    from .data import TokenizedExample
 
 
 def _rng(seed: int, epoch: int, salt: int) -> random.Random:
@@ -78,13 +76,52 @@ def epoch_batches(
     return batches
 
 
+@dataclass
+class Rows:
+    """Token sequences to score, as the model takes them.
+
+    Padded: (B, T) right-padded rows with an attention mask. Packed (padding-free): B = 1, the
+    sequences concatenated into one row whose position_ids restart at 0 for each, so attention never
+    crosses sequences and no padding is computed. `sequence_index` maps every token to its sequence,
+    so log-probs are summed the same way in both layouts.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) 1 on completion tokens: the scored ones
+    sequence_index: torch.Tensor  # (B, T) which of the n_sequences a token belongs to; -1 on padding
+    n_sequences: int
+    attention_mask: torch.Tensor | None = None  # (B, T) padded layout only
+    position_ids: torch.Tensor | None = None  # (1, T) packed layout only
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    def to(self, device) -> Rows:
+        move = {f.name: v.to(device) if isinstance(v, torch.Tensor) else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return Rows(**move)
+
+    def tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int((self.sequence_index >= 0).sum())
+
+    def completion_lengths(self) -> torch.Tensor:
+        """(n_sequences,) completion tokens per sequence; 0 for a KL row whose completion was cut away."""
+        counts = torch.zeros(self.n_sequences, dtype=torch.long, device=self.input_ids.device)
+        scored = self.completion_mask.bool()
+        return counts.index_add(0, self.sequence_index[scored], torch.ones_like(self.sequence_index[scored]))
+
+
 def collate(
     prompts: Sequence[list[int]],
     completions: Sequence[list[int]],
     pad_token_id: int,
     max_length: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) input_ids, attention_mask and completion_mask for prompt+completion pairs.
+    *,
+    packed: bool = False,
+) -> Rows:
+    """Prompt+completion pairs as `Rows`: right-padded (B, T), or packed into one (1, sum of lengths) row.
 
     A KL row is a prompt with *another* example's completion, so both come in separately; when the
     pair is longer than max_length the completion tail is cut (the prompt already fits).
@@ -94,31 +131,25 @@ def collate(
         if max_length is not None:
             c = c[: max(max_length - len(p), 0)]
         rows.append((p, c))
+    if packed:
+        ids = [t for p, c in rows for t in p + c]
+        is_completion = [int(i >= len(p)) for p, c in rows for i in range(len(p) + len(c))]
+        return Rows(
+            input_ids=torch.tensor([ids], dtype=torch.long),
+            completion_mask=torch.tensor([is_completion], dtype=torch.long),
+            sequence_index=torch.tensor([[b for b, (p, c) in enumerate(rows) for _ in range(len(p) + len(c))]]),
+            n_sequences=len(rows),
+            position_ids=torch.tensor([[i for p, c in rows for i in range(len(p) + len(c))]]),
+        )
     width = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    sequence_index = torch.full((len(rows), width), -1, dtype=torch.long)
     for b, (p, c) in enumerate(rows):
         n = len(p) + len(c)
         input_ids[b, :n] = torch.tensor(p + c, dtype=torch.long)
         attention_mask[b, :n] = 1
         completion_mask[b, len(p) : n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-
-
-def kto_batch(
-    examples: Sequence[TokenizedExample],
-    indices: Sequence[int],
-    partners: Sequence[int],
-    pad_token_id: int,
-    max_length: int,
-) -> dict[str, torch.Tensor]:
-    """The examples at `indices` and their KL rows (own prompt + partner's completion)."""
-    batch = collate([examples[i].prompt_ids for i in indices], [examples[i].completion_ids for i in indices],
-                    pad_token_id)
-    kl = collate([examples[i].prompt_ids for i in indices],
-                 [examples[partners[i]].completion_ids for i in indices], pad_token_id, max_length)
-    batch.update({f"kl_{k}": v for k, v in kl.items()})
-    batch["labels"] = torch.tensor([examples[i].label for i in indices], dtype=torch.bool)
-    batch["index"] = torch.tensor(list(indices), dtype=torch.long)
-    return batch
+        sequence_index[b, :n] = b
+    return Rows(input_ids, completion_mask, sequence_index, len(rows), attention_mask=attention_mask)

@@ -19,6 +19,16 @@ import yaml
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+REFERENCES = ("base", "init_adapter")
+TRACKERS = ("none", "tensorboard", "wandb")
+
+# Defaults of the fields left empty, derived in `TrainConfig.resolved` from what the user did set.
+# LoRA KTO on a real pretrained chat model: chosen by the grid in benchmarks/defaults_grid.py (README,
+# "Why these defaults"). The built-in demo model has its own (kto_lite/demo/__init__.py: DEMO_SETTINGS).
+DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_BETA = 0.1
+DEFAULT_WARMUP_RATIO = 0.1  # with a decaying schedule; none with "constant"
 
 
 class ConfigError(ValueError):
@@ -34,16 +44,34 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # --- what to train on ---
-    model: str | None = _f(None, "Hub id or local path of the base model. Empty: the built-in demo model.")
+    model: str | None = _f(
+        None, "Hub id, local folder or .gguf file of the base model. Empty: the built-in demo model."
+    )
     data: str | None = _f(None, "Labeled data file (.jsonl/.json/.csv/.parquet) or saved dataset folder.")
     output_dir: str = _f("runs/kto", "Where the adapter, metrics.jsonl, checkpoints and status.json go.")
     eval_data: str | None = _f(None, "Held-out data file, evaluated with the same metrics (eval_ prefix).")
     eval_fraction: float = _f(0.0, "Fraction of `data` held out for evaluation when no eval_data is given.")
 
     # --- model and adapters ---
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model. Empty: the default branch.")
+    trust_remote_code: bool = _f(False, "Run model code shipped in the model's repository (only for repos you trust).")
+    attn_implementation: str | None = _f(
+        None, "Attention kernel: sdpa, eager or flash_attention_2. Empty: flash-attention when installed, else sdpa."
+    )
     load_in_4bit: bool = _f(True, "Load the base in 4-bit NF4 (QLoRA). False: unquantized (more memory).")
+    mixed_precision: str = _f(
+        "auto", "auto: bf16 on GPUs with compute capability >= 8.0, fp16 + loss scaling on older GPUs, "
+        "fp32 on CPU.", choices=PRECISIONS,
+    )
+    init_adapter: str | None = _f(
+        None, "Start from this trained adapter (a run folder) instead of fresh LoRA weights: the next round."
+    )
+    reference: str = _f(
+        "base", "The KTO reference: 'base' (adapters off) or 'init_adapter' (the frozen starting adapter).",
+        choices=REFERENCES,
+    )
     lora_r: int = _f(16, "LoRA rank. Higher: more capacity, more memory; 8-64 is typical.")
-    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r). 2*r is the usual choice.")
+    lora_alpha: int | None = _f(None, "LoRA scale numerator (scale = alpha / r). Empty: 2 * lora_r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
     lora_target_modules: str | list[str] = _f(
         "all-linear", "Modules that get adapters: 'all-linear' or a list such as [q_proj, v_proj]."
@@ -54,7 +82,9 @@ class TrainConfig:
     )
 
     # --- the KTO loss (paper eq. 7-8) ---
-    beta: float = _f(0.1, "KTO beta: how far the policy may move from the reference. 0.1 is the usual start.")
+    beta: float | None = _f(
+        None, f"KTO beta: how far the policy may move from the reference. Empty: {DEFAULT_BETA} (demo model: its own)."
+    )
     desirable_weight: float | str = _f(1.0, "lambda_D, weight of desirable examples; 'auto' balances counts.")
     undesirable_weight: float | str = _f(1.0, "lambda_U, weight of undesirable examples; 'auto' balances counts.")
     loss_type: str = _f("kto", "'kto' (paper) or 'apo_zero_unpaired' (no z0 reference point).", choices=LOSS_TYPES)
@@ -63,11 +93,14 @@ class TrainConfig:
     )
 
     # --- optimisation ---
-    learning_rate: float = _f(
-        1e-5, "Peak learning rate. LoRA needs ~10x full fine-tuning's 5e-7..1e-6; raise with care."
+    learning_rate: float | None = _f(
+        None, f"Peak learning rate. Empty: {DEFAULT_LEARNING_RATE:g} for LoRA (measured; demo model: its own)."
     )
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.")
+    warmup_ratio: float | None = _f(
+        None, f"Fraction of steps warming the learning rate up from 0. Empty: {DEFAULT_WARMUP_RATIO} "
+        "(0 with a constant schedule)."
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0: no clipping).")
     optimizer: str = _f(
@@ -78,8 +111,13 @@ class TrainConfig:
     batch_size: int = _f(4, "Examples per device per forward pass. z0 is estimated on each batch: >= 4 helps.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step; effective batch 16-128 is best.")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; the completion tail is cut beyond it.")
-    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts keep their end (latest turns).")
+    max_prompt_length: int | None = _f(
+        None, "Longest prompt in tokens; longer prompts keep their end (latest turns). Empty: max_length / 2."
+    )
     group_by_length: bool = _f(True, "Batch examples of similar length together (less padding, same mix).")
+    padding_free: bool | None = _f(
+        None, "Pack a micro-batch's rows into one sequence, no padding computed. Empty: when the model supports it."
+    )
     precompute_reference: bool = _f(True, "Compute reference log-probs once before training and cache them.")
     seed: int = _f(42, "Seed for shuffling, KL pairing, LoRA init and dropout.")
 
@@ -92,6 +130,10 @@ class TrainConfig:
         False, "true: resume from the latest checkpoint in output_dir; or a checkpoint folder."
     )
     overwrite_output_dir: bool = _f(False, "Allow replacing a finished run in output_dir (off: refuse).")
+    report_to: str = _f("none", "Also log metrics to 'tensorboard' or 'wandb' (accelerate's trackers).",
+                        choices=TRACKERS)
+    push_to_hub: str | None = _f(None, "Upload the adapter and its model card to this Hub repo id at the end.")
+    hub_private: bool = _f(True, "Create the Hub repo as private.")
 
     def __post_init__(self):
         self.validate()
@@ -105,14 +147,14 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         positive = ["lora_r", "lora_alpha", "beta", "batch_size", "gradient_accumulation_steps",
                     "max_length", "max_prompt_length", "logging_steps", "eval_steps", "num_epochs"]
-        for name in positive:
-            if getattr(self, name) <= 0:
+        for name in positive:  # None: derived later (`resolved`)
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             if value != "auto" and value <= 0:
                 raise ConfigError(f"{name} must be > 0 or 'auto', got {value!r}")
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}), or no completion token would be left"
@@ -121,14 +163,39 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0 <= self.warmup_ratio < 1:
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0 or self.learning_rate > 1e-2:
+        if self.learning_rate is not None and not 0 < self.learning_rate <= 1e-2:
             raise ConfigError(f"learning_rate must be in (0, 1e-2], got {self.learning_rate}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be > 0 (or empty to use num_epochs), got {self.max_steps}")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
+        if self.reference == "init_adapter" and not self.init_adapter:
+            raise ConfigError("reference: 'init_adapter' needs init_adapter (the adapter to start from)")
+
+    # ------------------------------------------------------------------ derived defaults
+    def resolved(self) -> TrainConfig:
+        """A copy with every empty derived field filled from what was set (DESIGN: a default never
+        contradicts a value the user gave). The run's config.yaml records these values."""
+        from .demo import DEMO_MODEL_DIR, DEMO_SAMPLES, DEMO_SETTINGS
+
+        c = dataclasses.replace(self)  # runs __post_init__ again: still valid
+        if c.data is None and c.model is None:
+            c.data = str(DEMO_SAMPLES["kto"])  # `train` with no arguments: the demo on its sample feedback
+        is_demo = c.model is None or Path(c.model).resolve() == DEMO_MODEL_DIR.resolve()
+        derived = dict(DEMO_SETTINGS) if is_demo else {"learning_rate": DEFAULT_LEARNING_RATE, "beta": DEFAULT_BETA}
+        for name, value in derived.items():
+            if getattr(c, name) is None:
+                setattr(c, name, value)
+        if c.max_prompt_length is None:
+            c.max_prompt_length = max(1, c.max_length // 2)
+        if c.lora_alpha is None:
+            c.lora_alpha = 2 * c.lora_r
+        if c.warmup_ratio is None:
+            c.warmup_ratio = 0.0 if c.lr_scheduler_type == "constant" else DEFAULT_WARMUP_RATIO
+        c.validate()
+        return c
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .batching import Rows
+
 CHUNK_ELEMENTS = 2**25  # logits per output-head chunk: 128 MiB in fp32 (~16 bytes/logit alive in backward)
 
 
@@ -32,26 +34,22 @@ def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (chunk,)
 
 
-def completion_logps(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Sum of log p(token) over completion tokens, per sequence. (B, T) x3 -> (B,) float32.
+def completion_logps(model, rows: Rows, chunk_size: int | None = None) -> torch.Tensor:
+    """Sum of log p(token) over completion tokens, per sequence: `Rows` -> (n_sequences,) float32.
 
-    `completion_mask[b, t]` is 1 when token t of sequence b belongs to the completion; the token
-    is predicted from position t - 1, so the first token of a sequence is never scored.
+    A token is predicted from the position before it, in the same sequence: the first token of a
+    sequence (and, packed, the first of each) is never scored.
     """
     base = _base_model(model)
     body, head = base.get_decoder(), base.get_output_embeddings()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = body(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids,
+                  use_cache=False).last_hidden_state  # (B, T, H)
 
-    scored = completion_mask[:, 1:].bool()  # (B, T-1): which next-token predictions count
-    rows = torch.nonzero(scored, as_tuple=True)
-    hidden = hidden[:, :-1][rows]  # (M, H), M = completion tokens in the batch
-    targets = input_ids[:, 1:][rows]  # (M,)
+    same_sequence = rows.sequence_index[:, 1:] == rows.sequence_index[:, :-1]
+    scored = rows.completion_mask[:, 1:].bool() & same_sequence  # (B, T-1): which next-token predictions count
+    positions = torch.nonzero(scored, as_tuple=True)
+    hidden = hidden[:, :-1][positions]  # (M, H), M = completion tokens in the batch
+    targets = rows.input_ids[:, 1:][positions]  # (M,)
     softcap = getattr(base.config, "final_logit_softcapping", None)
     chunk_size = chunk_size or chunk_rows(head.weight.shape[0])
 
@@ -63,8 +61,8 @@ def completion_logps(
         else:
             pieces.append(_token_logps(head, h, t, softcap))
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return sums.index_add(0, rows[0], token_logps)  # (B,)
+    sums = torch.zeros(rows.n_sequences, dtype=torch.float32, device=rows.input_ids.device)
+    return sums.index_add(0, rows.sequence_index[:, 1:][positions], token_logps)  # (n_sequences,)
 
 
 class PolicyLogps(torch.nn.Module):
@@ -74,5 +72,5 @@ class PolicyLogps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        return completion_logps(self.model, input_ids, attention_mask, completion_mask)
+    def forward(self, rows: Rows) -> torch.Tensor:
+        return completion_logps(self.model, rows)

@@ -1,7 +1,7 @@
 """The KTO loss (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization").
 
-Pure tensor math: no model, no I/O. Every argument is a per-example sequence log-prob, i.e. the sum
-of log p(token) over the completion tokens only.
+Pure tensor math: no model, no I/O, no communication between processes. Every log-prob argument is
+a per-example sequence log-prob, i.e. the sum of log p(token) over the completion tokens only.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 
 class KTOLossOutput(NamedTuple):
@@ -19,26 +18,21 @@ class KTOLossOutput(NamedTuple):
     kl: torch.Tensor  # () z0, the detached and clamped reference point
 
 
-def estimate_z0(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
-    """z0 = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)]), detached (paper eq. 7's reference point).
+def z0_estimate(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """z0 = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)]), detached (the reference point of eq. 7).
 
     y'_j is the completion of *another* example (a mismatched pair), so this is a cheap, biased
-    estimate of KL(pi || pi_ref). Under several processes the mean is taken over all of them, so every
-    process uses the same z0. Shapes: (M,) and (M,) -> ().
+    estimate of KL(pi || pi_ref). Shapes: (M,) and (M,) -> (). The trainer computes the same mean
+    over all processes (and, with kl_over_step, over all micro-batches of a step).
     """
     diff = (policy_kl_logps - reference_kl_logps).detach()
     diff = diff.to(torch.promote_types(diff.dtype, torch.float32))  # never average in half precision
-    total = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)  # sum of differences and count over processes
-    return (total[0] / total[1].clamp(min=1)).clamp(min=0)
+    return diff.mean().clamp(min=0) if diff.numel() else diff.new_zeros(())
 
 
 def kto_loss(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
-    policy_kl_logps: torch.Tensor | None,
-    reference_kl_logps: torch.Tensor | None,
     labels: torch.Tensor,
     *,
     z0: torch.Tensor | None = None,
@@ -54,16 +48,17 @@ def kto_loss(
                           undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r_i)))
       apo_zero_unpaired:  desirable:   lambda_D * (1 - sigmoid(beta * r_i))
                           undesirable: lambda_U * sigmoid(beta * r_i)       (no z0 is used)
-    `labels` (B,) is True for desirable examples. The KL log-probs (M,) feed z0 only, which is
-    detached: no gradient flows through it. A precomputed `z0` (from `estimate_z0`, e.g. over all
-    micro-batches of an optimizer step) replaces them. Returns the mean loss, per-example losses, rewards
+    `labels` (B,) is True for desirable examples. `z0` (from `z0_estimate`) is detached and clamped
+    at 0 here again: no gradient flows through it. Returns the mean loss, per-example losses, rewards
     beta * r_i (detached, as logged) and z0 (0 for apo_zero_unpaired).
     """
     labels = labels.bool()
     r = policy_logps - reference_logps  # (B,)
     r = r.to(torch.promote_types(r.dtype, torch.float32))
     if loss_type == "kto":
-        z0 = estimate_z0(policy_kl_logps, reference_kl_logps) if z0 is None else z0.detach().clamp(min=0)
+        if z0 is None:
+            raise ValueError("loss_type 'kto' needs z0 (see z0_estimate)")
+        z0 = z0.detach().to(r.dtype).clamp(min=0)
         desirable_losses = 1 - torch.sigmoid(beta * (r - z0))
         undesirable_losses = 1 - torch.sigmoid(beta * (z0 - r))
     elif loss_type == "apo_zero_unpaired":

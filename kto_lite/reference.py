@@ -68,9 +68,8 @@ def compute_reference_logps(
     with reference_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
             idx = order[start : start + batch_size]
-            batch = collate([sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out[idx] = completion_logps(model, **batch).float().cpu()
+            rows = collate([sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_token_id)
+            out[idx] = completion_logps(model, rows.to(device)).float().cpu()
     return out
 
 

@@ -26,11 +26,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batching import epoch_batches, kl_partners, kto_batch
-from .config import ConfigError, TrainConfig
+from .batching import collate, epoch_batches, kl_partners
+from .config import TrainConfig
 from .data import load_data, tokenize
 from .logps import PolicyLogps, completion_logps
-from .loss import estimate_z0, kto_loss
+from .loss import kto_loss, z0_estimate
 from .model import (
     add_lora,
     compute_dtype,
@@ -38,7 +38,6 @@ from .model import (
     load_tokenizer,
     no_grad_policy,
     reference_mode,
-    resolve_model,
 )
 from .reference import (
     REFERENCE_BATCH_MULTIPLIER,
@@ -55,7 +54,7 @@ OOM_ADVICE = ("out of GPU memory. Lower batch_size (and raise gradient_accumulat
 
 def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     """Run a whole training as `config` says; returns output_dir. Raises on failure, after writing status."""
-    config = resolve_defaults(config)
+    config = config.resolved()
     resume_from = prepare_output_dir(config)
     accelerator = Accelerator(  # cpu=True lets `torchrun` on a CPU-only machine use gloo
         mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(), "no"),
@@ -75,18 +74,6 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     finally:
         stop.restore()
     return Path(config.output_dir)
-
-
-def resolve_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill the fields whose default depends on what is installed: the demo model and its data."""
-    if config.data is None:
-        if config.model is not None:
-            raise ConfigError("data: no data file given (a .jsonl/.json/.csv/.parquet file of labeled rows)")
-        from .demo import DEMO_SAMPLES
-
-        config.data = str(DEMO_SAMPLES["kto"])
-    config.model = resolve_model(config.model)
-    return config
 
 
 class _StopFlag:
@@ -214,9 +201,14 @@ class Trainer:
         return split.reference, split.reference_kl[epoch]
 
     # ------------------------------------------------------------------ one micro-batch
-    def _batch(self, split: Split, epoch: int, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = kto_batch(split.examples, indices, self._partners(split, epoch), self.pad_id, self.config.max_length)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+    def _batch(self, split: Split, epoch: int, indices: list[int]) -> dict:
+        ex, partners, device = split.examples, self._partners(split, epoch), self.accelerator.device
+        prompts = [ex[i].prompt_ids for i in indices]
+        return {"rows": collate(prompts, [ex[i].completion_ids for i in indices], self.pad_id).to(device),
+                "kl_rows": collate(prompts, [ex[partners[i]].completion_ids for i in indices], self.pad_id,
+                                   self.config.max_length).to(device),
+                "labels": torch.tensor([ex[i].label for i in indices], dtype=torch.bool, device=device),
+                "index": torch.tensor(list(indices), dtype=torch.long)}
 
     def _reference_logps(self, split: Split, epoch: int, batch: dict, prefix: str = "") -> torch.Tensor:
         """Reference log-probs of the batch's rows (prefix "") or KL rows ("kl_"): cached, or adapters off."""
@@ -224,12 +216,12 @@ class Trainer:
             reference, reference_kl = self._reference(split, epoch)
             return (reference_kl if prefix else reference)[batch["index"].cpu()].to(self.accelerator.device)
         with self.accelerator.autocast(), reference_mode(self.model):
-            return completion_logps(self.model, *_rows(batch, prefix))
+            return completion_logps(self.model, batch[prefix + "rows"])
 
     def _kl_logps(self, split: Split, epoch: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference log-probs of the KL rows, (B,) each: they only feed the detached z0."""
         with self.accelerator.autocast(), no_grad_policy(self.model):
-            policy_kl_logps = completion_logps(self.model, *_rows(batch, "kl_"))
+            policy_kl_logps = completion_logps(self.model, batch["kl_rows"])
         return policy_kl_logps, self._reference_logps(split, epoch, batch, "kl_")
 
     def _forward(self, split: Split, epoch: int, indices: list[int], *, grad: bool, z0: torch.Tensor | None = None):
@@ -237,14 +229,14 @@ class Trainer:
         policy log-probs, labels and token count."""
         cfg, batch = self.config, self._batch(split, epoch, indices)
         with nullcontext() if grad else torch.no_grad():
-            policy_logps = self.policy(*_rows(batch))  # (B,), with grad during training
+            policy_logps = self.policy(batch["rows"])  # (B,), with grad during training
         reference_logps = self._reference_logps(split, epoch, batch)
         if z0 is None and cfg.loss_type == "kto":
-            z0 = estimate_z0(*self._kl_logps(split, epoch, batch))
-        out = kto_loss(policy_logps, reference_logps, None, None, batch["labels"], z0=z0, beta=cfg.beta,
+            z0 = z0_estimate(*self._kl_logps(split, epoch, batch))
+        out = kto_loss(policy_logps, reference_logps, batch["labels"], z0=z0, beta=cfg.beta,
                        desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
                        loss_type=cfg.loss_type)
-        return out, policy_logps.detach(), batch["labels"], int(batch["attention_mask"].sum())
+        return out, policy_logps.detach(), batch["labels"], batch["rows"].tokens()
 
     def _step_z0(self, step: int) -> torch.Tensor:
         """z0 over all micro-batches of one optimizer step (kl_over_step): a steadier estimate at batch size 1."""
@@ -253,7 +245,7 @@ class Trainer:
             epoch, position = divmod(step * gas + micro, self.batches_per_epoch)
             pairs.append(self._kl_logps(self.train_split, epoch,
                                         self._batch(self.train_split, epoch, self._epoch_plan(epoch)[position])))
-        return estimate_z0(torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs]))
+        return z0_estimate(torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs]))
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int, meter: Meter) -> float:
@@ -393,10 +385,6 @@ class Meter:
             line["rewards/margins"] = line["rewards/chosen"] - line["rewards/rejected"]
         line["count/chosen"], line["count/rejected"] = int(n_good), int(n_bad)
         return line
-
-
-def _rows(batch: dict, prefix: str = "") -> list[torch.Tensor]:
-    return [batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"]]
 
 
 def make_optimizer(model, config: TrainConfig):

@@ -15,3 +15,15 @@ DEMO_SAMPLES: dict[str, Path] = {
     "paired": DEMO_DATA_DIR / "demo_paired.jsonl",  # prompt / chosen / rejected
     "messages": DEMO_DATA_DIR / "demo_messages.jsonl",  # messages / label
 }
+
+# What a run on the demo model uses for the fields a user left empty (TrainConfig.resolved), so that
+# the app's untouched form and `python -m kto_lite train` with no arguments visibly learn (measured:
+# docs/demo_model.md). Why they differ from a real model's defaults:
+DEMO_SETTINGS = {
+    # A right answer already has log-prob ~ -0.6, so its reward can rise by at most ~0.6 nats while
+    # wrong answers can be pushed down without limit; at beta 0.1 that side dominates and probability
+    # leaks to malformed answers. beta 0.5 saturates the undesirable side sooner.
+    "beta": 0.5,
+    # A 1M-parameter model with rank-16 adapters moves far less per step than a real one.
+    "learning_rate": 3e-4,
+}
