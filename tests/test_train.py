@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 from tiny_models import learnable_rows, make_model_dir, write_jsonl
 
-from kto_lite.batching import collate
+from kto_lite.batching import Rows, collate
 from kto_lite.config import ConfigError, TrainConfig
 from kto_lite.data import load_data, tokenize
 from kto_lite.logps import completion_logps
@@ -353,3 +353,51 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, monkeypatch):
         train(config(workdir, "all_nan", max_steps=20), show_progress=False)
     status = read_status(workdir / "all_nan")
     assert status["status"] == "failed" and "Lower learning_rate" in status["message"]
+
+
+# ---------------------------------------------------------------------- issue 12: rounds (init_adapter, reference)
+def direct_logps(workdir, adapter_dir, rows: Rows):
+    """log-probs of `rows` under a freshly loaded base, and under base + the adapter at `adapter_dir`."""
+    base = load_base(str(workdir / "model"))
+    base.eval()
+    with torch.no_grad():
+        plain = completion_logps(base, rows)
+        tuned = completion_logps(PeftModel.from_pretrained(base, str(adapter_dir)).eval(), rows)
+    return plain, tuned
+
+
+@pytest.mark.parametrize("reference", ["base", "init_adapter"])
+def test_init_adapter_continues_from_the_previous_round(trained, workdir, reference):
+    recipe = make_recipe(config(workdir, f"round2-{reference}", init_adapter=str(trained), reference=reference,
+                                max_steps=3, lora_r=16, lora_alpha=None))
+    assert recipe.config.lora_r == 8 and recipe.config.lora_alpha == 16  # the adapter's own shape, not the flags
+    recipe.compute_reference_columns(recipe.train_split)
+    mb = recipe.micro_batch(recipe.train_split, 0, recipe.steps[0][0][1])
+    plain, previous = direct_logps(workdir, trained, mb.rows)
+    recipe.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logps(recipe.model, mb.rows), previous, rtol=1e-4, atol=1e-4)
+    # the reference column is the base (adapters off) or the frozen previous adapter
+    torch.testing.assert_close(mb.reference_logps, plain if reference == "base" else previous, rtol=1e-4, atol=1e-4)
+    out, _ = recipe.loss(mb, None)
+    beta = recipe.config.beta
+    torch.testing.assert_close(out.rewards, beta * (previous - (plain if reference == "base" else previous)),
+                               rtol=1e-3, atol=1e-4)
+    # training moves the policy; the reference stays what it was (computed on the fly here)
+    for step in recipe.steps:
+        recipe.train_step([recipe.micro_batch(recipe.train_split, e, i) for e, i in step], Meter())
+    with reference_mode(recipe.model):
+        still = completion_logps(recipe.model, mb.rows)
+    torch.testing.assert_close(still, plain if reference == "base" else previous, rtol=1e-4, atol=1e-4)
+    recipe.model.eval()
+    with torch.no_grad():
+        assert (completion_logps(recipe.model, mb.rows) - previous).abs().max() > 1e-3
+    assert {n for n, p in recipe.model.named_parameters() if p.requires_grad} == {
+        n for n, _ in recipe.model.named_parameters() if "lora_" in n and ".default." in n}
+
+
+def test_init_adapter_shape_conflicts_are_refused(trained, workdir):
+    with pytest.raises(ConfigError, match="lora_r: 32 differs from init_adapter's 8"):
+        config(workdir, "conflict", init_adapter=str(trained), lora_r=32).resolved()
+    with pytest.raises(ConfigError, match="holds no adapter"):
+        config(workdir, "conflict", init_adapter=str(workdir)).resolved()
