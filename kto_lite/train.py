@@ -367,6 +367,7 @@ class Recipe:
 def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     """Run a whole training as `config` says; returns output_dir. Raises on failure, after writing status."""
     config = config.resolved()
+    _check_tracker_installed(config.report_to)
     precision = choose_precision(config.mixed_precision)
     accelerator = Accelerator(  # cpu=True lets `torchrun` on a CPU-only machine use gloo
         mixed_precision=precision, cpu=not torch.cuda.is_available(),
@@ -432,6 +433,13 @@ def _set_signal(sig, handler) -> None:
         signal.signal(sig, handler)
     except ValueError:  # not the main thread (e.g. called from a UI worker): no signal handling
         pass
+
+
+def _check_tracker_installed(report_to: str) -> None:
+    import importlib.util
+
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"report_to: {report_to} is not installed; `pip install {report_to}`, or report_to: none")
 
 
 def _tracker_config(config: TrainConfig) -> dict:
