@@ -30,13 +30,18 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .batching import Rows, collate, epoch_batches, kl_partners
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, resolve_optimizer
 from .data import TokenizedExample, load_data, tokenize
 from .logps import PolicyLogps, completion_logps, supports_packing
 from .loss import kto_loss
 from .metrics import Meter, peak_memory_mb
 from .model import add_lora, choose_precision, load_base, load_tokenizer, no_grad_policy, reference_mode
-from .reference import REFERENCE_BATCH_MULTIPLIER, cached_reference_logps, default_cache_dir, model_fingerprint
+from .reference import (
+    REFERENCE_BATCH_MULTIPLIER,
+    cached_reference_logps,
+    default_cache_dir,
+    model_fingerprint,
+)
 from .run_dir import RunDir, load_checkpoint, prepare_output_dir, read_metrics
 
 OOM_ADVICE = ("out of GPU memory. Lower batch_size (and raise gradient_accumulation_steps to keep the "
@@ -480,11 +485,3 @@ def make_optimizer(model, config: TrainConfig):
 
     cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
     return cls(params, **kw)
-
-
-def resolve_optimizer(name: str, device: str | None = None) -> str:
-    """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU."""
-    if name != "auto":
-        return name
-    on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
-    return "paged_adamw_8bit" if on_gpu else "adamw_torch"
