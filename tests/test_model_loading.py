@@ -322,3 +322,25 @@ def test_tokenizer_and_base_load_from_the_converted_folder(fake_gguf_reader, tmp
     model = load_base(str(gguf), load_in_4bit=False)
     assert Path(model.config._name_or_path) == Path(resolve_model(str(gguf)))
     assert tokenizer.pad_token_id is not None and fake_gguf_reader["conversions"] == 1
+
+
+def test_memory_estimate_reads_a_gguf_models_config(fake_gguf_reader, tmp_path, monkeypatch):
+    """`estimate --model x.gguf`: from the file's metadata before conversion, from the converted folder after."""
+    from transformers import AutoConfig
+
+    from kto_lite.memory import load_model_config
+
+    gguf = gguf_file(tmp_path / "models")
+    read, real_from_pretrained = [], AutoConfig.from_pretrained
+
+    def from_pretrained(folder, **kwargs):
+        if "gguf_file" not in kwargs:
+            return real_from_pretrained(folder, **kwargs)
+        read.append(kwargs["gguf_file"])
+        return type("C", (), {"to_dict": lambda self: {"model_type": "llama", "from": "metadata"}})()
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", from_pretrained)
+    assert load_model_config(str(gguf))["from"] == "metadata" and read == [gguf.name]
+    folder = Path(resolve_model(str(gguf)))
+    assert load_model_config(str(gguf.parent)) == json.loads((folder / "config.json").read_text())
+    assert read == [gguf.name]  # the converted folder answered

@@ -125,6 +125,13 @@ def test_gguf_is_converted_once_into_the_cache(run, gguf, monkeypatch):
     assert resolve_model(str(gguf)) == resolve_model(str(gguf.parent)) == str(folder)
 
 
+def test_memory_estimate_of_the_gguf_model(run, gguf):
+    from kto_lite.memory import estimate_memory
+
+    estimate = estimate_memory(TrainConfig(model=str(gguf), max_length=64, batch_size=4), device="cpu")
+    assert estimate.description["vocab"] == 49152 and estimate.weights > 135e6 * 0.5  # 4 bits per weight at least
+
+
 def test_unquantized_and_4bit_loads(tokenizer, unquantized, chat):
     assert all(p.dtype == torch.float32 for p in unquantized.parameters())
     assert "5" in greedy_reply(unquantized, tokenizer, "What is 2+3?")  # the de-quantized GGUF weights work
