@@ -31,22 +31,32 @@ FORMAT = "1"  # part of the cache key: bump when the conversion changes, so old 
 SOURCE_FILE = "kto_lite_gguf.json"  # written last into a converted folder: which file it came from
 
 
+MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+NOT_A_GGUF_FOLDER = ("config.json", "adapter_config.json", "tokenizer_config.json")  # transformers / peft folders
+
+
 def gguf_source(name: str, *, revision: str | None = None) -> Path | None:
-    """The .gguf file `name` stands for, or None when `name` is not a GGUF model."""
+    """The GGUF file `name` stands for, or None when `name` is not a GGUF model."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file():  # a transformers folder, even if a .gguf sits next to it
+        if any((path / f).is_file() for f in NOT_A_GGUF_FOLDER):  # even with a .gguf next to them (an export)
             return None
         found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise ConfigError(f"{path} holds {len(found)} .gguf files ({names}); set model to one of them")
         return found[0] if found else None
-    if path.suffix.lower() != ".gguf":
-        return None
-    if path.is_file():
-        return path
-    return _hub_gguf(name, revision)
+    if path.is_file():  # by suffix, or by content: Ollama keeps its GGUF files as blobs/sha256-... files
+        return path if path.suffix.lower() == ".gguf" or _starts_with_magic(path) else None
+    if path.suffix.lower() == ".gguf":
+        return _hub_gguf(name, revision)
+    return None
+
+
+def _starts_with_magic(path: Path) -> bool:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read(4) == MAGIC
+    return False
 
 
 def _hub_gguf(name: str, revision: str | None) -> Path:
@@ -106,6 +116,9 @@ def _convert(gguf: Path, target: Path) -> None:
     """De-quantize `gguf` and write it as safetensors + tokenizer to `target`, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    kind = _metadata_string(gguf, "general.type")
+    if kind not in (None, "model"):  # e.g. "adapter": a LoRA exported for llama.cpp, not a base model
+        raise ConfigError(f"{gguf} is a GGUF {kind}, not a model: give the base model's GGUF file")
     size_gb = gguf.stat().st_size / 1e9
     print(f"converting {gguf} ({size_gb:.1f} GB) into a transformers folder, once: {target}",
           file=sys.stderr, flush=True)
@@ -134,6 +147,19 @@ def _convert(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"converting {gguf} failed while writing to {target.parent} ({e}); the converted "
                       "model takes about 4 bytes per parameter: set KTO_LITE_CACHE to a disk with room") from e
+
+
+def _metadata_string(gguf: Path, key: str) -> str | None:
+    """A string field of the file's metadata: transformers' reader maps the header only (~0.1 s)."""
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:  # another transformers version: skip the check, the conversion still says what fails
+        return None
+    try:
+        value = read_gguf_metadata(str(gguf))[0].get(key)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which file
+        raise ConfigError(f"{gguf}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return None if value is None else str(value)
 
 
 def forget_gguf_quantization(model) -> None:

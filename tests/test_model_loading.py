@@ -191,7 +191,7 @@ def test_model_without_sdpa_falls_back_to_eager(monkeypatch):
 def gguf_file(folder: Path, name: str = "model.Q4_K_M.gguf") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_bytes(b"GGUF not really")
+    path.write_bytes(gguf_input.MAGIC + b" not really")
     return path
 
 
@@ -208,6 +208,15 @@ def test_what_names_a_gguf_model(tmp_path):
     (hf_folder / "config.json").write_text("{}")
     assert gguf_input.gguf_source(str(hf_folder)) is None  # a transformers folder stays one
     assert gguf_input.gguf_source("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+    run = tmp_path / "run"  # a training run with an exported LoRA GGUF next to its adapter
+    gguf_file(run, "adapter.gguf")
+    (run / "adapter_config.json").write_text("{}")
+    assert gguf_input.gguf_source(str(run)) is None
+    blob = tmp_path / "blobs" / "sha256-3f2a"  # Ollama's store: GGUF files without the suffix
+    gguf_file(blob.parent, blob.name)
+    assert gguf_input.gguf_source(str(blob)) == blob
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert gguf_input.gguf_source(str(tmp_path / "notes.txt")) is None
     with pytest.raises(FileNotFoundError, match="no such .gguf file"):
         gguf_input.gguf_source(str(tmp_path / "missing.gguf"))
 
@@ -267,6 +276,7 @@ def fake_gguf_reader(monkeypatch, tmp_path):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
     monkeypatch.setattr(gguf_input, "cache_root", lambda: tmp_path / "cache" / "gguf")
+    monkeypatch.setattr(gguf_input, "_metadata_string", lambda path, key: state.get(key, "model"))
     import transformers
     monkeypatch.setattr(transformers, "AutoTokenizer", Tokenizer)
     return state
@@ -344,3 +354,18 @@ def test_memory_estimate_reads_a_gguf_models_config(fake_gguf_reader, tmp_path, 
     folder = Path(resolve_model(str(gguf)))
     assert load_model_config(str(gguf.parent)) == json.loads((folder / "config.json").read_text())
     assert read == [gguf.name]  # the converted folder answered
+
+
+def test_a_lora_gguf_is_not_a_base_model(fake_gguf_reader, tmp_path):
+    gguf = gguf_file(tmp_path / "models", "lora.gguf")
+    fake_gguf_reader["general.type"] = "adapter"
+    with pytest.raises(ConfigError, match="is a GGUF adapter, not a model"):
+        resolve_model(str(gguf))
+    assert fake_gguf_reader["conversions"] == 0
+
+
+def test_metadata_of_a_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ConfigError, match="broken.gguf: not a readable GGUF file"):
+        gguf_input._metadata_string(path, "general.type")
