@@ -106,7 +106,7 @@ def tokenize(
     texts = [_texts(ex, tokenizer, c, where) for ex, c in zip(examples, chat)]
     prompt_ids = _encode_each(tokenizer, [t[0] for t in texts], chat)
     whole_ids = _encode_each(tokenizer, [t[1] for t in texts], chat)
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
 
     out: list[TokenizedExample] = []
     tally = _Tally()
@@ -269,8 +269,11 @@ def _encode_each(tokenizer: Any, texts: list[str], chat: list[bool]) -> list[lis
     return out
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
-    """EOS and the special tokens a template may end a turn with (<|im_end|>, <|eot_id|>, ...)."""
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """EOS and the special tokens a template may end a turn with (<|im_end|>, <|eot_id|>, ...).
+
+    A trained completion ends at the first of them; generation should stop at them too (a GGUF's
+    config may name only <|endoftext|> as EOS while the template ends turns with <|end|>)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids = {i for i, token in decoder.items() if getattr(token, "special", False)} | set(
         tokenizer.all_special_ids
