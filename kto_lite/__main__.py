@@ -1,4 +1,4 @@
-"""python -m kto_lite {train,data,chat,export,estimate} ... (see README)."""
+"""python -m kto_lite {train,data,chat,export,estimate,sample,evaluate,loop} ... (see README)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ commands:
   chat [--model M] [--adapter DIR]          chat with a base model or a trained adapter in the terminal
   export --adapter DIR [--zip | --merge]    package an adapter, or merge it into a full-precision base
   estimate [CONFIG.yaml] [--FIELD VALUE]    predict peak GPU memory for a config, with a breakdown
+  sample --prompts FILE --out F.jsonl       generate answers (resumable, seeded); --judge labels them as KTO rows
+  evaluate --prompts FILE --judge SPEC      sampled accuracy of the base and each --adapter, with a 95% interval
+  loop CONFIG.yaml --rounds N ...           rounds of sample -> judge -> train -> evaluate, one run folder each
 """
 
 COMMANDS = {  # command -> module with main(argv) -> exit code
@@ -21,6 +24,9 @@ COMMANDS = {  # command -> module with main(argv) -> exit code
     "chat": "kto_lite.chat",
     "export": "kto_lite.export",
     "estimate": "kto_lite.memory",
+    "sample": "kto_lite.sample",
+    "evaluate": "kto_lite.evaluate",
+    "loop": "kto_lite.loop",
 }
 
 
