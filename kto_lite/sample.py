@@ -237,7 +237,7 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def add_sampling_flags(parser: cli.Parser, *, n_default: int = 4) -> None:
+def add_sampling_flags(parser: cli.Parser, *, n_default: int = 4, seed: bool = True) -> None:
     """The flags that decide the samples, shared by sample, evaluate and loop."""
     defaults = SampleArgs()
     parser.add_flag("n", type=int, default=n_default, help=f"samples per prompt (default {n_default})")
@@ -248,6 +248,8 @@ def add_sampling_flags(parser: cli.Parser, *, n_default: int = 4) -> None:
                          f"1: off (default {defaults.top_p})")
     parser.add_flag("max_new_tokens", type=int, default=defaults.max_new_tokens,
                     help=f"longest answer, in tokens (default {defaults.max_new_tokens})")
+    if not seed:  # `loop` takes the config's seed
+        return
     parser.add_flag("seed", type=int, default=0, help="sample j of prompt i is drawn with a generator seeded "
                     "from (seed, i, j): the same for any batch size and when resumed (default 0)")
 

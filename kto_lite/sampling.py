@@ -128,8 +128,8 @@ class Loaded:
             with self.model.disable_adapter() if self.adapters else contextlib.nullcontext():
                 yield self.model
             return
-        names = {folder: name for name, folder in self.adapters.items()}
-        self.model.set_adapter(names.get(str(adapter), adapter))
+        names = {str(Path(folder)): name for name, folder in self.adapters.items()}
+        self.model.set_adapter(names.get(str(Path(adapter)), adapter))
         yield self.model
 
 

@@ -108,6 +108,15 @@ def reversed_judge(prompt: str, completion: str) -> bool:
     return not judge(prompt, completion)
 
 
+def accuracy(model, tokenizer, prompts: list[str], *, seed: int = 0, temperature: float = 1.0) -> float:
+    """Share of `prompts` whose one sample (kto_lite's seeded sampler, SAMPLING) the judge accepts."""
+    from kto_lite.sampling import generate_samples
+
+    settings = {**SAMPLING, "temperature": temperature}
+    samples = generate_samples(model, tokenizer, prompts, n=1, seed=seed, batch_size=64, **settings)
+    return sum(judge(prompts[k], s[0].text) for k, s in samples) / max(len(prompts), 1)
+
+
 def prompt_rows(n: int, *, seed: int, split: str) -> list[dict]:
     """Prompt-file rows: {"prompt": question, "answer": reference sentence}."""
     return [{"prompt": p, "answer": reference_answer(p)} for p in make_prompts(n, seed=seed, split=split)]
