@@ -35,10 +35,10 @@ from .sample import (
     add_model_flags,
     add_sampling_flags,
     build_judge,
-    load_from_args,
     sample_args,
+    spec_from_args,
 )
-from .sampling import Loaded, Prompts, generate_samples, read_prompts
+from .sampling import Loaded, Prompts, generate_samples, load_models, read_prompts
 
 CONFIDENCE = 0.95
 INTERVAL = "Wilson score interval at the design-effect sample size (prompts as clusters), 95%"
@@ -147,11 +147,11 @@ def main(argv: list[str]) -> int:
         settings = sample_args(args)
         prompts = read_prompts(args.prompts)
         judge = build_judge(settings, prompts)
-        loaded = load_from_args(args, args.adapter)
+        loaded = load_models(spec_from_args(args, args.adapter))
         results = [evaluate_one(loaded, a, prompts, judge, settings, batch_size=args.batch_size,
                                 show_progress=not args.json)[0] for a in [None, *loaded.adapters.values()]]
         if args.json:
-            print(json.dumps({"prompts": prompts.path, "interval": INTERVAL, "model": loaded.model_name,
+            print(json.dumps({"prompts": prompts.path, "interval": INTERVAL, "model": loaded.spec.model_name,
                               "sampling": asdict(settings), "results": [asdict(r) for r in results]}, indent=1))
         else:
             print(f"{len(prompts.rows)} prompts x {settings.n} samples, judge {settings.judge}, seed {settings.seed}")

@@ -47,7 +47,7 @@ from .sample import (
     side_files,
     summarize,
 )
-from .sampling import Loaded, Prompts, load_models, read_prompts
+from .sampling import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
 
 
 class LoopStopped(RuntimeError):
@@ -221,8 +221,10 @@ class _Models:
             return self.loaded
         self.free()
         self.adapters = (adapter,) if adapter else ()
-        self.loaded = load_models(self.config.model, list(self.adapters), load_in_4bit=self.config.load_in_4bit)
-        self.loaded.use_chat_template = self.config.use_chat_template  # as training encodes the prompts
+        c = self.config  # loaded and encoded as training loads and encodes
+        spec = model_spec(c.model, list(self.adapters), **{name: getattr(c, name) for name in LOAD_OPTIONS})
+        spec.use_chat_template = c.use_chat_template
+        self.loaded = load_models(spec)
         return self.loaded
 
     def free(self) -> None:

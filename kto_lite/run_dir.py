@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from fnmatch import fnmatch
 import random
 import shutil
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch

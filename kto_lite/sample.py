@@ -27,8 +27,18 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import cli
+from .config import TrainConfig
 from .judges import REFERENCE_COLUMNS, Judge, apply_judge, make_judge
-from .sampling import Loaded, Prompts, generate_samples, load_models, read_prompts
+from .sampling import (
+    LOAD_OPTIONS,
+    Loaded,
+    ModelSpec,
+    Prompts,
+    generate_samples,
+    load_models,
+    model_spec,
+    read_prompts,
+)
 
 EXAMPLE_CHARS = 160
 INFORMATIONAL = ("adapter", "prompts")  # paths, spelled in many ways: their contents' hashes are compared  # how much of an example prompt and answer the summary shows
@@ -61,11 +71,8 @@ def sample_to_file(loaded: Loaded, adapter: str | None, prompts: Prompts, out: s
     """
     out = Path(out)
     judge = build_judge(args, prompts)
-    meta_path, failed_path = side_files(out)
-    meta = {"model": loaded.model_name, "adapter": adapter, "adapter_sha256": _adapter_hash(adapter),
-            "load_in_4bit": loaded.load_in_4bit, "use_chat_template": loaded.use_chat_template,
-            "prompts": prompts.path, "prompts_sha256": prompts.fingerprint(), **asdict(args)}
-    start = _resume_point(out, meta_path, failed_path, meta, args.n)
+    start = resume_point(out, sample_meta(loaded.spec, adapter, prompts, args), args.n)
+    failed_path = side_files(out)[1]
     todo = list(range(start, len(prompts.rows)))
     reference_columns = [args.reference_column] if args.reference_column else list(REFERENCE_COLUMNS)
     bar = tqdm(total=len(todo) * args.n, desc="sampling", unit="sample", disable=not show_progress or not todo)
@@ -90,7 +97,7 @@ def sample_to_file(loaded: Loaded, adapter: str | None, prompts: Prompts, out: s
                     failed.append({**line, "judge": judge.spec, "judge_error": reason})
                 else:
                     good.append({**line, "label": label, "judge": judge.spec})
-            # failed rows first: a prompt counts as done once its rows are in `out` (see _resume_point)
+            # a prompt is done once all its n rows are in the two files (resume_point)
             _append(failed_path, failed)
             _append(out, good)
     return summarize(out, prompts)
@@ -106,6 +113,13 @@ def build_judge(args: SampleArgs, prompts: Prompts) -> Judge | None:
     return judge
 
 
+def sample_meta(spec: ModelSpec, adapter: str | None, prompts: Prompts, args: SampleArgs) -> dict:
+    """Everything that decides the samples (the meta file): model, loading options, adapter, prompts, args."""
+    return {"model": spec.model_name, **spec.options, "use_chat_template": spec.use_chat_template,
+            "adapter": adapter, "adapter_sha256": _adapter_hash(adapter), "prompts": prompts.path,
+            "prompts_sha256": prompts.fingerprint(), **asdict(args)}
+
+
 def _adapter_hash(adapter: str | None) -> str | None:
     if adapter is None:
         return None
@@ -116,12 +130,13 @@ def _adapter_hash(adapter: str | None) -> str | None:
 # --------------------------------------------------------------------------- the files
 
 
-def _resume_point(out: Path, meta_path: Path, failed_path: Path, meta: dict, n: int) -> int:
+def resume_point(out: Path, meta: dict, n: int) -> int:
     """The first prompt index to sample. Writes the meta file for a new job; checks it for an old one.
 
     Rows are appended prompt by prompt, failed ones first; a prompt whose n rows are not all there
     (killed mid-prompt, or a line cut short) is removed from both files and sampled again.
     """
+    meta_path, failed_path = side_files(out)
     if not out.exists() and not meta_path.exists():
         if out.suffix != ".jsonl":
             raise cli.UsageError(f"--out {out}: the samples are JSON lines; give a .jsonl file name")
@@ -268,20 +283,20 @@ def add_judge_flags(parser: cli.Parser, *, required: bool) -> None:
 def add_model_flags(parser: cli.Parser) -> None:
     parser.add_flag("model", help="base model: hub id, folder or .gguf file (default: the adapter's base, else "
                                   "the built-in demo model)")
-    parser.add_flag("load_in_4bit", type=cli.yaml_value, default=None, metavar="BOOL",
-                    help="load the base in 4-bit (default: as the adapter's run was trained, else true)")
     parser.add_flag("batch_size", type=int, default=32,
                     help="sequences generated together; changes speed and memory, not the samples (default 32)")
+    parser.add_config_fields(list(LOAD_OPTIONS))  # as `train` spells them; unset: as the adapter's run
 
 
-def load_from_args(args, adapters: list[str]) -> Loaded:
-    """The base (and adapters) that --model / --adapter / --load_in_4bit name."""
-    if args.load_in_4bit not in (None, True, False):
-        raise cli.UsageError(f"--load_in_4bit must be true or false, got {args.load_in_4bit!r}")
+def spec_from_args(args, adapters: list[str]) -> ModelSpec:
+    """What --model, --adapter and the loading flags name (unset flags: as the adapter's run was trained)."""
+    options = {name: getattr(args, name) for name in LOAD_OPTIONS if hasattr(args, name)}
     try:
-        return load_models(args.model, adapters, load_in_4bit=args.load_in_4bit)
-    except ValueError as e:  # adapters of different bases
+        spec = model_spec(args.model, adapters, **options)
+        TrainConfig.from_dict({name: spec.options[name] for name in LOAD_OPTIONS})  # type-checks the values
+    except ValueError as e:  # adapters of different bases, or a ConfigError
         raise cli.UsageError(str(e)) from e
+    return spec
 
 
 def sample_args(args) -> SampleArgs:
@@ -311,8 +326,10 @@ def main(argv: list[str]) -> int:
         settings = sample_args(args)
         prompts = read_prompts(args.prompts)
         build_judge(settings, prompts)  # a bad spec or a missing reference column fails before the model loads
-        loaded = load_from_args(args, [args.adapter] if args.adapter else [])
-        adapter = next(iter(loaded.adapters.values()), None)
+        spec = spec_from_args(args, [args.adapter] if args.adapter else [])
+        adapter = spec.adapters[0] if spec.adapters else None
+        resume_point(Path(args.out), sample_meta(spec, adapter, prompts, settings), settings.n)  # refuse early
+        loaded = load_models(spec)
         summary = sample_to_file(loaded, adapter, prompts, args.out, settings, batch_size=args.batch_size)
         print(format_summary(summary, judged=settings.judge is not None))
         return 0

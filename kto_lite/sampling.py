@@ -3,7 +3,7 @@
 Used by `python -m kto_lite sample`, `evaluate` and `loop`. Three pieces:
 - `read_prompts`: a prompt file in any of the project's formats (a `prompt` column, text or messages,
   or `messages`), with the rest of each row kept for the judges (the reference answer).
-- `load_models`: one base, loaded as training loads it, with any number of adapters on top; `use(name)`
+- `model_spec` / `load_models`: one base, loaded as training loads it, with any number of adapters on top; `use(name)`
   switches between them (None: adapters off, the base). The weights exist once in memory.
 - `generate_samples`: left-padded batches through `model.generate`, with prompts encoded exactly as
   training encodes them (`kto_lite.data.encode_prompt`: the chat template with its generation prompt)
@@ -110,16 +110,55 @@ def _content(value: Any, name: str, path: str, where: str, row: int) -> Content:
 # --------------------------------------------------------------------------- models
 
 
+LOAD_OPTIONS = ("load_in_4bit", "mixed_precision", "revision", "trust_remote_code", "attn_implementation")
+
+
+@dataclass
+class ModelSpec:
+    """What `load_models` will load, known before loading anything (for checks that should fail fast)."""
+
+    model_name: str
+    adapters: list[str]  # run folders
+    options: dict[str, Any]  # LOAD_OPTIONS, as training loads the base
+    use_chat_template: bool | None  # as the adapters' runs were trained (None: the tokenizer decides)
+
+    @property
+    def load_in_4bit(self) -> bool:
+        return bool(self.options["load_in_4bit"])
+
+
+def model_spec(model: str | None, adapters: list[str] | tuple[str, ...] = (), **options) -> ModelSpec:
+    """model None: the first adapter's base, else the built-in demo model. An option left None (or
+    not given): as the first adapter's run set it (its config.yaml), else TrainConfig's default."""
+    from .chat import adapter_base, check_adapter_dir, run_settings
+    from .config import TrainConfig
+    from .model import resolve_model
+
+    folders = [str(check_adapter_dir(a)) for a in adapters]
+    settings = run_settings(folders[0]) if folders else {}
+    bases = {adapter_base(f) for f in folders}
+    if model is None and len(bases) > 1:
+        raise ValueError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); "
+                         "evaluate them separately, or name the base with --model")
+    defaults = TrainConfig().to_dict()
+    chosen = {name: next((v for v in (options.get(name), settings.get(name)) if v is not None), defaults[name])
+              for name in LOAD_OPTIONS}
+    model_name = model or (adapter_base(folders[0]) if folders else resolve_model(None))
+    return ModelSpec(model_name, folders, chosen, settings.get("use_chat_template"))
+
+
 @dataclass
 class Loaded:
     """A tokenizer, one base and its adapters (PeftModel when there are any). See `load_models`."""
 
     tokenizer: Any
     model: Any  # the PeftModel with every adapter loaded, or the base
-    model_name: str
+    spec: ModelSpec
     adapters: dict[str, str]  # adapter name in the PeftModel -> its folder
-    use_chat_template: bool | None  # as the adapters' runs were trained (None: the tokenizer decides)
-    load_in_4bit: bool
+
+    @property
+    def use_chat_template(self) -> bool | None:
+        return self.spec.use_chat_template
 
     @contextlib.contextmanager
     def use(self, adapter: str | None):
@@ -133,39 +172,27 @@ class Loaded:
         yield self.model
 
 
-def load_models(model: str | None, adapters: list[str] | tuple[str, ...] = (), *,
-                load_in_4bit: bool | None = None) -> Loaded:
-    """Load a base once, as training loads it, with `adapters` (run folders) on top.
+def load_models(spec: ModelSpec) -> Loaded:
+    """Load the base once, as training loads it, with the spec's adapters on top (see `model_spec`)."""
+    from .model import load_adapter, load_base, load_tokenizer
 
-    model None: the first adapter's base, else the built-in demo model. load_in_4bit None: as the
-    first adapter's run was trained, else 4-bit.
-    """
-    from .chat import adapter_base, check_adapter_dir, run_settings
-    from .model import load_adapter, load_base, load_tokenizer, resolve_model
-
-    folders = [check_adapter_dir(a) for a in adapters]
-    settings = run_settings(folders[0]) if folders else {}
-    bases = {adapter_base(f) for f in folders}
-    if model is None and len(bases) > 1:
-        raise ValueError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); "
-                         "evaluate them separately, or name the base with --model")
-    model_name = model or (adapter_base(folders[0]) if folders else resolve_model(None))
-    if load_in_4bit is None:
-        load_in_4bit = bool(settings.get("load_in_4bit", True))
-    tokenizer = load_tokenizer(model_name)
-    base = load_base(model_name, load_in_4bit=load_in_4bit)
+    o = spec.options
+    tokenizer = load_tokenizer(spec.model_name, revision=o["revision"], trust_remote_code=o["trust_remote_code"])
+    base = load_base(spec.model_name, load_in_4bit=o["load_in_4bit"], precision=o["mixed_precision"],
+                     revision=o["revision"], trust_remote_code=o["trust_remote_code"],
+                     attn_implementation=o["attn_implementation"])
     base.config.use_cache = True  # load_base turns the KV cache off for training; generation needs it
     names: dict[str, str] = {}
     peft_model = base
-    for i, folder in enumerate(folders):
+    for i, folder in enumerate(spec.adapters):
         name = "default" if i == 0 else f"adapter_{i}"  # peft names the first adapter "default"
         if i == 0:
             peft_model = load_adapter(base, folder)
         else:
-            peft_model.load_adapter(str(folder), adapter_name=name)
-        names[name] = str(folder)
+            peft_model.load_adapter(folder, adapter_name=name)
+        names[name] = folder
     peft_model.eval()
-    return Loaded(tokenizer, peft_model, model_name, names, settings.get("use_chat_template"), load_in_4bit)
+    return Loaded(tokenizer, peft_model, spec, names)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

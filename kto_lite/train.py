@@ -36,7 +36,12 @@ from .logps import PolicyLogps, completion_logps, supports_packing
 from .loss import kto_loss
 from .metrics import Meter, peak_memory_mb
 from .model import add_lora, choose_precision, load_base, load_tokenizer, no_grad_policy, reference_mode
-from .reference import REFERENCE_BATCH_MULTIPLIER, cached_reference_logps, default_cache_dir, model_fingerprint
+from .reference import (
+    REFERENCE_BATCH_MULTIPLIER,
+    cached_reference_logps,
+    default_cache_dir,
+    model_fingerprint,
+)
 from .run_dir import RunDir, load_checkpoint, prepare_output_dir, read_metrics
 
 OOM_ADVICE = ("out of GPU memory. Lower batch_size (and raise gradient_accumulation_steps to keep the "

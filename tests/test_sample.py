@@ -14,7 +14,7 @@ import pytest
 from kto_lite.data import load_data
 from kto_lite.demo import DEMO_MODEL_DIR
 from kto_lite.sample import main as sample_main
-from kto_lite.sampling import generate_samples, load_models, read_prompts, row_seed
+from kto_lite.sampling import generate_samples, load_models, model_spec, read_prompts, row_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -25,7 +25,7 @@ ARGS = ["--load_in_4bit", "false", "--temperature", "1", "--top_p", "0.95", "--m
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_models(str(DEMO_MODEL_DIR), load_in_4bit=False)
+    return load_models(model_spec(str(DEMO_MODEL_DIR), load_in_4bit=False))
 
 
 @pytest.fixture
