@@ -6,17 +6,22 @@ training data): each question with its right answer (desirable) and a wrong one 
 """
 
 import random
+import sys
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 
 from kto_lite.batching import collate
 from kto_lite.data import Example, tokenize
-from kto_lite.demo import DEMO_SAMPLES, task
+from kto_lite.demo import DEMO_SAMPLES
 from kto_lite.logps import completion_logps
 from kto_lite.model import load_base, load_tokenizer
 from kto_lite.train import train
 from ui import form
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import demo_task as task  # noqa: E402
 
 # Measured over seeds 0 and 1 (kto_lite/demo/__init__.py): held-out margins 1.04 and 0.86 in reward
 # units (beta x log-ratio). An adapter that learned nothing gives exactly 0, and a sign error a negative
