@@ -356,15 +356,17 @@ def fake_model(monkeypatch):
     return model
 
 
-def _chat(source, side_by_side=False, message="Hello"):
-    return list(ch.chat_send(message, [], [], source, "", side_by_side, "be brief", 0.0, 0.9, 16))
+def _chat(source, side_by_side=False, message="Hello", tuned=(), base=(), turns=None, system="be brief"):
+    return list(ch.chat_send(message, list(tuned), list(base), source, "", side_by_side, system, 0.0, 0.9, 16,
+                             turns))
 
 
 def test_chat_streams_the_tuned_reply(fake_model, runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
     steps = _chat(str(run))
-    box, tuned, base, status = steps[-1]
+    box, tuned, base, status, turns = steps[-1]
     assert tuned[-1] == {"role": "assistant", "content": "tuned says hi"} and base == []
+    assert turns["tuned"][1]["system"] == "be brief"  # what conditioned the reply at index 1
     assert "3 tokens" in status and steps[0][0] == ""
     messages, use_adapter, options = fake_model.calls[0]
     assert messages == [{"role": "user", "content": "Hello"}] and use_adapter
@@ -373,7 +375,7 @@ def test_chat_streams_the_tuned_reply(fake_model, runs):
 
 def test_side_by_side_answers_with_adapters_off_then_on_with_one_seed(fake_model, runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
-    _, tuned, base, _ = _chat(str(run), side_by_side=True)[-1]
+    _, tuned, base, _, _ = _chat(str(run), side_by_side=True)[-1]
     assert base[-1]["content"] == "base says hi" and tuned[-1]["content"] == "tuned says hi"
     (_, first, opts1), (_, second, opts2) = fake_model.calls
     assert (first, second) == (False, True) and opts1["seed"] == opts2["seed"]
@@ -384,7 +386,7 @@ def test_stop_ends_the_reply(fake_model, runs):
     replies = ch.chat_send("Hello", [], [], str(run), "", False, "", 0.7, 0.9, 16)
     next(replies), next(replies)  # loading, first word
     ch.stop_chat()
-    *_, (box, tuned, base, status) = list(replies)
+    *_, (box, tuned, base, status, _) = list(replies)
     assert tuned[-1]["content"] == "tuned" and "Stopped" in status
 
 
@@ -392,11 +394,60 @@ def test_thumbs_on_a_reply_append_a_feedback_row(runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
     history = [{"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]},
                {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]
-    counts = ch.on_like(history, str(run), "", gr.LikeData(None, {"index": 1, "value": "5", "liked": False}))
+    counts = ch.on_like(history, str(run), "", None, "tuned",
+                        gr.LikeData(None, {"index": 1, "value": "5", "liked": False}))
     assert "0 liked / 1 disliked" in counts
     row = json.loads((run / "feedback.jsonl").read_text())
     assert row == {"prompt": "What is 2 + 2?", "completion": "5", "label": False}
-    assert ch.on_like(history, str(run), "", gr.LikeData(None, {"index": 0, "value": "x", "liked": True})) == SKIP
+    like = gr.LikeData(None, {"index": 0, "value": "x", "liked": True})
+    assert ch.on_like(history, str(run), "", None, "tuned", like) == SKIP
+
+
+def _like(index, liked=True):
+    return gr.LikeData(None, {"index": index, "value": "", "liked": liked})
+
+
+def test_feedback_keeps_the_system_prompt_that_conditioned_the_reply(fake_model, runs):
+    from kto_lite.data import encode_prompt, load_data, tokenize
+    from kto_lite.demo import DEMO_MODEL_DIR
+    from kto_lite.model import load_tokenizer
+
+    run = make_run(runs, "20250101-000000-a", adapter=True)
+    _, tuned, _, _, turns = _chat(str(run), system="Answer in one sentence.")[-1]
+    _, tuned, _, _, turns = _chat(str(run), message="Again", tuned=tuned, turns=turns, system="")[-1]
+    ch.on_like(tuned, str(run), "", turns, "tuned", _like(1))  # the reply made with the system prompt
+    ch.on_like(tuned, str(run), "", turns, "tuned", _like(3, False))  # the one made without
+    with_system, without = [json.loads(line) for line in (run / "feedback.jsonl").read_text().splitlines()]
+    system = {"role": "system", "content": "Answer in one sentence."}
+    assert with_system["prompt"] == [system, {"role": "user", "content": "Hello"}]
+    assert without["prompt"][0]["role"] == "user" and len(without["prompt"]) == 3
+    # training sees the ids generation saw: the system prompt is in the prompt tokens
+    tokenizer = load_tokenizer(str(DEMO_MODEL_DIR))
+    examples, _ = load_data(run / "feedback.jsonl")
+    first = tokenize(examples, tokenizer, max_length=None, max_prompt_length=None)[0]
+    assert first.prompt_ids == encode_prompt(with_system["prompt"], tokenizer)
+    assert "Answer in one sentence." in tokenizer.decode(first.prompt_ids)
+
+
+def test_side_by_side_turned_on_mid_conversation_answers_the_earlier_messages(fake_model, runs):
+    run = make_run(runs, "20250101-000000-a", adapter=True)
+    _, tuned, base, _, turns = _chat(str(run), message="Hello")[-1]
+    _, tuned, base, _, turns = _chat(str(run), message="Again", tuned=tuned, base=base, turns=turns)[-1]
+    assert base == []
+    tuned_calls = list(fake_model.calls)
+    steps = list(ch.base_column(str(run), True, tuned, base, turns, "", 0.0, 0.9, 16))
+    base, status, base_turns = steps[-1]
+    assert "earlier message" in steps[0][1] and "tokens in" in status
+    assert [m["content"] for m in base] == ["Hello", "base says hi", "Again", "base says hi"]
+    replayed = fake_model.calls[len(tuned_calls):]
+    assert [use_adapter for _, use_adapter, _ in replayed] == [False, False]
+    # each earlier message is answered with the seed and system prompt of the tuned reply to it, over the
+    # base's own conversation: what the column would hold had side by side been on from the start
+    assert [o["seed"] for *_, o in replayed] == [o["seed"] for *_, o in tuned_calls]
+    assert replayed[1][0] == base[:3] and base_turns["base"] == {1: turns["tuned"][1], 3: turns["tuned"][3]}
+    again = list(ch.base_column(str(run), True, tuned, base, base_turns, "", 0.0, 0.9, 16))
+    assert len(again) == 1 and again[0][0]["value"] == base  # nothing missing: nothing generated
+    assert ch.base_column(str(run), False, tuned, base, turns, "", 0, 0.9, 16).__next__()[0]["visible"] is False
 
 
 def test_base_model_feedback_goes_to_the_runs_feedback_folder(runs):

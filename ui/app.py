@@ -165,6 +165,7 @@ def build_demo() -> gr.Blocks:
                 clear = gr.Button("Clear", scale=1)
             chat_status = gr.Markdown()
             feedback_info = gr.Markdown()
+            chat_turns = gr.State(ch.new_turns())  # each reply's system prompt and seed (feedback rows keep them)
             with gr.Accordion("Generation settings", open=False):
                 system_prompt = gr.Textbox(label="system prompt", lines=2)
                 with gr.Row():
@@ -218,19 +219,23 @@ def build_demo() -> gr.Blocks:
         run_pick.input(h.progress, [run_pick, gr.State(None)], progress_outputs, api_name="train_progress")
 
         source.change(ch.source_changed, [source, side_by_side],
-                      [tuned_chat, base_chat, feedback_info], api_visibility="private")
-        side_by_side.change(ch.base_column, [source, side_by_side], base_chat, api_visibility="private")
+                      [tuned_chat, base_chat, feedback_info, chat_turns], api_visibility="private")
         chat_inputs = [box, tuned_chat, base_chat, source, base_model, side_by_side, system_prompt, temperature,
-                       top_p, max_new]
-        chat_outputs = [box, tuned_chat, base_chat, chat_status]
+                       top_p, max_new, chat_turns]
+        chat_outputs = [box, tuned_chat, base_chat, chat_status, chat_turns]
         sending = [send.click(ch.chat_send, chat_inputs, chat_outputs, api_name="chat", concurrency_limit=1,
                                concurrency_id="chat"),
                    box.submit(ch.chat_send, chat_inputs, chat_outputs, api_visibility="private",
-                              concurrency_limit=1, concurrency_id="chat")]
+                              concurrency_limit=1, concurrency_id="chat"),
+                   side_by_side.change(ch.base_column, [source, side_by_side, tuned_chat, base_chat, chat_turns,
+                                                        base_model, temperature, top_p, max_new],
+                                       [base_chat, chat_status, chat_turns], api_visibility="private",
+                                       concurrency_limit=1, concurrency_id="chat")]
         chat_stop.click(ch.stop_chat, None, chat_status, cancels=sending, api_visibility="private")
-        clear.click(ch.clear_chat, None, [tuned_chat, base_chat, chat_status], api_visibility="private")
-        for chatbot in (tuned_chat, base_chat):
-            chatbot.like(ch.on_like, [chatbot, source, base_model], feedback_info, api_visibility="private")
+        clear.click(ch.clear_chat, None, [tuned_chat, base_chat, chat_status, chat_turns], api_visibility="private")
+        for chatbot, column in ((tuned_chat, "tuned"), (base_chat, "base")):
+            chatbot.like(ch.on_like, [chatbot, source, base_model, chat_turns, gr.State(column)], feedback_info,
+                         api_visibility="private")
         gr.api(ch.api_record_feedback, api_name="record_feedback")
         chat_tab.select(ch.refresh_chat_choices, source, source, api_visibility="private")
 
