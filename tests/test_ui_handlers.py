@@ -184,6 +184,52 @@ def test_bad_label_names_the_row_without_offering_mapping(tmp_path):
     assert outputs[4]["visible"] is False and outputs[11] is None
 
 
+def test_an_upload_is_named_by_its_own_name_in_errors_and_the_report(tmp_path, runs):
+    bad = tmp_path / "my answers.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "a", "completion": "c", '
+                   '"label": "maybe"}\n')
+    problems = handlers.on_upload(str(bad))[2]
+    assert "my answers.jsonl, line 2" in problems and "_data" not in problems
+    good = tmp_path / "good.jsonl"
+    good.write_text(DEMO_SAMPLES["kto"].read_text())
+    report = handlers.on_upload(str(good))[3]
+    assert report.startswith("file") and "good.jsonl" in report.splitlines()[0] and "_data" not in report
+
+
+def test_long_errors_are_shown_whole_and_wrapped(tmp_path):
+    rows = [{"prompt": f"question {i}", "completion": "answer", "label": f"a label nobody knows, number {i} " * 2}
+            for i in range(30)]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = handlers.on_upload(str(path))[2]
+    assert "```" not in problems  # a code block cuts lines longer than the column instead of wrapping them
+    items = [line for line in problems.splitlines() if line.startswith("- ")]
+    assert len(items) == 21 and "and 10 more lines with problems" in items[-1]  # 20 errors, then the count
+    assert all("labels.jsonl, line" in item for item in items[:20])
+    assert "number 19 a label nobody knows, number 19" in items[19]
+
+
+def test_a_near_even_label_split_is_not_a_problem(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": "c", "label": i < 49} for i in range(100)]
+    path = tmp_path / "split.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary, _, problems, *_ = handlers.on_upload(str(path))
+    assert problems == "**Problems:**\nNo problems found."
+    assert "desirable_weight **1**, undesirable_weight **0.961**" in summary  # still told, as information
+    rows = [{"prompt": f"p{i}", "completion": "c", "label": True} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "Only desirable examples" in handlers.on_upload(str(path))[2]  # one-sided data stays a problem
+
+
+def test_the_duplicate_list_says_how_many_were_left_out(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": "c", "label": i % 2 == 0} for i in range(50)] * 2
+    path = tmp_path / "twice.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = handlers.on_upload(str(path))[2]
+    assert "50 example(s) repeat an earlier one exactly" in problems and "1, 51; 2, 52" in problems
+    assert "... and 45 more group(s)" in problems
+
+
 def test_feedback_files_are_offered_as_data(runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
     ch.record_feedback(str(run), "", "What is 2 + 2?", "4", True)
