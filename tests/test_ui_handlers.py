@@ -538,5 +538,5 @@ def test_app_builds_with_one_tab_per_concern():
 
     demo = build_demo()
     tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert tabs == ["Data", "Train", "Chat", "Export"]
+    assert tabs == ["Data", "Train", "Chat", "Rate", "Export"]
     assert sys.modules["ui.app"].demo is not None
