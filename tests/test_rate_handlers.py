@@ -36,8 +36,7 @@ def runs(tmp_path, monkeypatch):
     return folder
 
 
-@pytest.fixture(scope="module")
-def adapter_files(tmp_path_factory):
+def save_adapter(folder: Path) -> Path:
     """A LoRA adapter on the demo model with random non-zero B: it changes the answers."""
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -46,9 +45,13 @@ def adapter_files(tmp_path_factory):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    folder = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    return save_adapter(tmp_path_factory.mktemp("adapter"))
 
 
 def make_run(runs: Path, adapter_files: Path, name: str = "20250101-000000-demo", **config) -> Path:
@@ -143,12 +146,13 @@ def test_thumbs_then_save_write_the_chat_tabs_feedback_rows(runs, adapter_files)
     batch, _ = rh.on_rate(batch, like(2, False))
     batch, _ = rh.on_rate(batch, like(3, True))
     batch, text = rh.on_rate(batch, like(3, ""))  # the same thumb clicked again: un-rated
-    assert "1 👍 · 1 👎 · 4 unrated" in text
+    assert "1 liked · 1 disliked · 4 unrated" in text
     text, batch = rh.save_ratings(batch)
     rows = [json.loads(line) for line in (run / "feedback.jsonl").read_text().splitlines()]
     assert rows == [{"prompt": "What is 2 + 3?", "completion": batch["items"][0]["completion"], "label": True},
                     {"prompt": "What is 2 + 3?", "completion": batch["items"][1]["completion"], "label": False}]
-    assert "Added 2 rated answers" in text and "1 liked / 1 disliked" in text
+    assert "Added 2 rated answers" in text and f"`{run.name}/feedback.jsonl` (in the runs folder): 1 liked / 1 " \
+        "disliked" in text
     label, path = next(iter(handlers.feedback_files().items()))  # the Data tab's feedback picker
     assert path == run / "feedback.jsonl" and "1 liked / 1 disliked" in label
     assert "Nothing new to save" in rh.save_ratings(batch)[0]  # saved once only
@@ -194,6 +198,8 @@ def test_a_judge_that_cannot_rate_says_why(runs, adapter_files):
     assert "could not rate 2 answer(s)" in text and "needs a reference answer" in text
     assert all(it["label"] is None for it in batch["items"])
     assert "unknown judge" in rh.judge_answers(batch, "telepathy", "", None)[1]
+    assert "must be a number" in rh.judge_answers(batch, "exact", "", "high")[1]
+    assert "threshold applies to python judges" in rh.judge_answers(batch, "exact", "", "0.5")[1]
 
 
 # ---------------------------------------------------------------------- the next round
@@ -215,7 +221,7 @@ def test_next_round_trains_from_the_runs_adapter_on_its_feedback(runs, adapter_f
     message, command = rh.train_next_round(str(run), "", batch, 2, "init_adapter")
     (argv, out), = started
     config = TrainConfig.load(None, argv[3:])  # what `python -m kto_lite train` will parse
-    assert argv[:3] == ["-m", "kto_lite", "train"] and f"--init_adapter {run}" in command["value"]
+    assert argv[:3] == ["-m", "kto_lite", "train"] and f"--init_adapter {run}" in command
     assert config.init_adapter == str(run) and config.reference == "init_adapter"
     assert (config.model, config.lora_r, config.beta) == (str(DEMO_MODEL_DIR), 8, 0.3)  # the run's settings
     assert config.num_epochs == 2 and config.max_steps is None and Path(config.output_dir) == out

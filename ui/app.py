@@ -177,9 +177,9 @@ def build_demo() -> gr.Blocks:
 
         # ------------------------------------------------------------------ Rate
         with gr.Tab("Rate", id="rate") as rate_tab:
-            gr.Markdown("Answer prompts several times with a run, rate each answer 👍 / 👎 (or let a judge rate "
-                        "them), add the ratings to the run's feedback file, then train the next round from "
-                        "the run's adapter.")
+            gr.Markdown("Answer prompts several times with a run, rate each answer with the thumbs under it (or "
+                        "let a judge rate them), add the ratings to the run's feedback file, then train the next "
+                        "round from the run's adapter.")
             with gr.Row():
                 rate_source = gr.Dropdown(choices=ch.chat_choices(), value=None, label="run", scale=3,
                                           allow_custom_value=True,
@@ -192,7 +192,7 @@ def build_demo() -> gr.Blocks:
                                             placeholder="What is 17 + 25?\nWhat is 40 - 13?")
                     with gr.Row():
                         rate_upload = gr.File(label="…or a prompt file (prompt or messages column)",
-                                              file_types=DATA_TYPES, height=90, min_width=200)
+                                              file_types=DATA_TYPES, height=130, min_width=200)
                         rate_sample = gr.Dropdown(choices=list(h.sample_files()), value=None, min_width=200,
                                                   label="…or a shipped file")
                     rate_file_info = gr.Markdown()
@@ -210,7 +210,7 @@ def build_demo() -> gr.Blocks:
                         rate_generate = gr.Button("Generate answers", variant="primary")
                         rate_stop = gr.Button("Stop", variant="stop")
             rate_status = gr.Markdown()
-            rate_answers = gr.Chatbot(label="Answers: rate each one with 👍 / 👎", height=460,
+            rate_answers = gr.Chatbot(label="Answers: rate each one with the thumbs under it", height=460,
                                       group_consecutive_messages=False, buttons=["copy"],
                                       placeholder="Answers appear here, each with its own thumbs.")
             with gr.Row(equal_height=False):
@@ -221,24 +221,23 @@ def build_demo() -> gr.Blocks:
                                                  "regex:PATTERN or python:module:function")
                         rate_reference = gr.Textbox(label="reference column", scale=2,
                                                     placeholder="answer, reference, target or solution")
-                        rate_threshold = gr.Number(None, label="threshold", scale=1,
-                                                   info="For judges returning a score.")
+                        rate_threshold = gr.Textbox(label="threshold", scale=1, placeholder="none",
+                                                    info="For python judges returning a score.")
                     rate_judge_button = gr.Button("Rate the answers you did not rate with the judge", size="sm")
                 with gr.Column(scale=2):
                     rate_counts = gr.Markdown()
                     rate_save = gr.Button("Add the rated answers to the feedback file", variant="primary")
-            with gr.Accordion("Train the next round", open=True):
-                gr.Markdown("`python -m kto_lite train` with the run's settings, its feedback file as data and "
-                            "`--init_adapter RUN`: training continues from the run's adapter.")
-                with gr.Row():
-                    rate_epochs = gr.Number(None, label="epochs", info="Empty: as the run.", minimum=0)
-                    rate_reference_model = gr.Radio(["base", "init_adapter"], value="base", label="KTO reference",
-                                                    info="base: adapters off. init_adapter: the run's frozen "
-                                                    "adapter (iterative KTO).")
-                    rate_train = gr.Button("▶ Train the next round", variant="primary")
-                rate_train_message = gr.Markdown()
-                rate_command = gr.Code(language="shell", label="command line", lines=2, wrap_lines=True,
-                                       visible=False)
+            gr.Markdown("### Train the next round\n`python -m kto_lite train` with the run's settings, its "
+                        "feedback file as data and `--init_adapter RUN`: training continues from the run's adapter.")
+            with gr.Row(equal_height=False):
+                rate_epochs = gr.Number(0, precision=None, minimum=0, label="epochs", info="0: as the run.")
+                rate_reference_model = gr.Radio(["base", "init_adapter"], value="base", label="KTO reference",
+                                                info="base: adapters off. init_adapter: the run's frozen adapter "
+                                                "(iterative KTO).")
+                rate_train = gr.Button("▶ Train the next round", variant="primary", scale=0, min_width=220)
+            rate_train_message = gr.Markdown()
+            rate_command = gr.Textbox(label="command line of the next round", lines=2, max_lines=6,
+                                      interactive=False)
             rate_batch = gr.State(None)  # the answers and their ratings (rate_handlers module docstring)
             rate_file = gr.State(None)  # the prompt file chosen, with its prompts
 
@@ -309,7 +308,7 @@ def build_demo() -> gr.Blocks:
         chat_tab.select(ch.refresh_chat_choices, source, source, api_visibility="private")
 
         rate_tab.select(ch.refresh_chat_choices, rate_source, rate_source, api_visibility="private")
-        rate_source.change(ch.feedback_summary, [rate_source, rate_base_model], rate_counts, api_visibility="private")
+        rate_source.change(rh.feedback_line, [rate_source, rate_base_model], rate_counts, api_visibility="private")
         rate_upload.upload(rh.on_prompt_upload, rate_upload, [rate_file, rate_file_info], api_visibility="private")
         rate_upload.clear(lambda: (None, ""), None, [rate_file, rate_file_info], api_visibility="private")
         rate_sample.input(rh.on_prompt_sample, rate_sample, [rate_file, rate_file_info], api_visibility="private")

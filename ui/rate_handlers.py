@@ -139,7 +139,7 @@ def generate(source: str | None, base_model: str, typed: str, prompt_file: dict 
             messages.append({"role": "assistant", "content": answer})
         done = f"{i + 1} / {len(prompts)} prompts, {len(batch['items'])} answers"
         yield messages, (f"Generating: {done}..." if i + 1 < len(prompts) else
-                         f"✓ {done}. Rate each answer with 👍 / 👎, or let a judge rate them."), batch
+                         f"✓ {done}. Rate each answer with the thumbs under it, or let a judge rate them."), batch
 
 
 def _generation_problem(source, prompts: list, n: int, temperature: float) -> str:
@@ -181,15 +181,22 @@ def on_rate(batch: dict | None, evt: gr.LikeData):
     return batch, counts(batch)
 
 
-def judge_answers(batch: dict | None, spec: str, reference_column: str, threshold: float | None):
-    """Rate the answers nobody rated by hand with a judge. Returns (answers chatbot, counts, batch)."""
+def judge_answers(batch: dict | None, spec: str, reference_column: str, threshold: str | float | None):
+    """Rate the answers nobody rated by hand with a judge. Returns (answers chatbot, counts, batch).
+
+    `threshold` (text; empty: none) turns a python judge's score into a label (score >= threshold).
+    """
     from kto_lite.judges import JudgeSpecError, apply_judge, make_judge
 
     if not batch or not batch["items"]:
         return gr.skip(), "Generate some answers first.", gr.skip()
     try:
-        judge = make_judge(spec, reference_column=(reference_column or "").strip() or None,
-                           threshold=None if threshold in (None, "") else float(threshold))
+        threshold = None if str(threshold or "").strip() == "" else float(threshold)
+    except ValueError:
+        return gr.skip(), f"**Judge:** the threshold must be a number, not {h._markdown_text(str(threshold))}", \
+            gr.skip()
+    try:
+        judge = make_judge(spec, reference_column=(reference_column or "").strip() or None, threshold=threshold)
     except JudgeSpecError as e:
         return gr.skip(), f"**Judge:** {h._markdown_text(str(e))}", gr.skip()
     failures = []
@@ -218,9 +225,22 @@ def counts(batch: dict | None) -> str:
     down = sum(it["label"] is False for it in items)
     by_judge = sum(it["by"] == "judge" for it in items)
     saved = sum(it["saved"] for it in items)
-    line = (f"**{len(items)} answers:** {up} 👍 · {down} 👎 · {len(items) - up - down} unrated"
+    line = (f"**{len(items)} answers:** {up} liked · {down} disliked · {len(items) - up - down} unrated"
             + (f" ({by_judge} rated by the judge)" if by_judge else "") + (f" · {saved} saved" if saved else ""))
-    return line + "\n\n" + ch.feedback_summary(batch["source"], batch["base_model"])
+    return line + "\n\n" + feedback_line(batch["source"], batch["base_model"])
+
+
+def feedback_line(source: str | None, base_model: str = "") -> str:
+    """Where the ratings go and what is there already."""
+    from kto_lite.chat import feedback_counts
+
+    if not source:
+        return ""
+    path = ch.feedback_path(source, base_model)
+    c = feedback_counts(path)
+    where = path.relative_to(h.SETTINGS.runs_dir) if path.is_relative_to(h.SETTINGS.runs_dir) else path
+    return (f"**Feedback file** `{where}` (in the runs folder): {c['desirable']} liked / {c['undesirable']} "
+            "disliked.")
 
 
 def save_ratings(batch: dict | None):
@@ -235,7 +255,7 @@ def save_ratings(batch: dict | None):
     for item in todo:
         append_feedback(path, feedback_prompt(item["prompt"], batch["system"]), item["completion"], item["label"])
         item["saved"] = True
-    return counts(batch) + f"\n\n✓ Added {len(todo)} rated answers to `{path}`.", batch
+    return f"✓ Added {len(todo)} rated answers to the feedback file.\n\n" + counts(batch), batch
 
 
 def feedback_prompt(prompt: str | list[dict], system: str | None) -> str | list[dict]:
@@ -274,8 +294,8 @@ def train_next_round(source: str | None, base_model: str, batch: dict | None, ep
         return f"**Busy:** {e}", gr.skip()
     start = f"the adapter of `{previous.name}`" if previous else "fresh LoRA weights on the base model"
     return (f"▶ Started `{Path(config.output_dir).name}` from {start}, on {rows['rows']} rated answers "
-            f"({rows['desirable']} 👍 / {rows['undesirable']} 👎). Follow it in the **Train** tab.",
-            gr.update(value=form.command_line(form.train_argv(config)), visible=True))
+            f"({rows['desirable']} liked / {rows['undesirable']} disliked). Follow it in the **Train** tab.",
+            form.command_line(form.train_argv(config)))
 
 
 def next_round_config(source: str, base_model: str, feedback: Path, epochs: float | None,
@@ -284,8 +304,8 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
 
     The run's own settings (its config.yaml: model, LoRA shape, beta, ...), except: data is a snapshot
     of its feedback file (the run keeps pointing at rows that do not change), init_adapter is the run,
-    the reference is `reference`, and the length is `epochs` passes (max_steps is cleared: it was
-    sized for the previous data).
+    the reference is `reference`, and the length is `epochs` passes (0 or None: as the run; max_steps
+    is cleared: it was sized for the previous data).
     """
     previous = None if source == ch.BASE else h.run_folder(source)
     if previous is not None and (previous / "config.yaml").is_file():
