@@ -1,7 +1,8 @@
 """The app in a real browser: headless Debian chromium driven by playwright.
 
-Goes through all four tabs: uploads a file, starts a training and stops it (the stop saves the
-adapter), chats with the result, opens the export tab. A screenshot of each tab goes to
+Goes through the tabs: uploads a file, starts a training and stops it (the stop saves the
+adapter), chats with the result, opens the export tab; and in the Rate tab generates answers, rates
+them with thumbs and a judge, saves them and trains the next round. A screenshot of each tab goes to
 artifacts/screenshots/. Skipped when chromium is not installed, except in CI (CI=true), where
 that is a failure.
 """
