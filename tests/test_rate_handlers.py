@@ -110,6 +110,10 @@ def test_a_prompt_file_replaces_the_typed_prompts(runs, adapter_files):
     assert "distinct prompts" in info
     messages, status, batch = generate(str(run), prompt_file=state, max_prompts=2, n=1)[-1]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["What is 29 + 49?", "What is 32 - 12?"]
+    assert rh.on_prompt_sample(rh.NO_FILE) == (None, "")  # back to the typed prompts, all of them
+    messages, _, _ = generate(str(run), typed="What is 1 + 1?\nWhat is 2 + 2?\nWhat is 3 + 3?", max_prompts=2,
+                              n=1)[-1]
+    assert len([m for m in messages if m["role"] == "user"]) == 3  # the cap is for files only
 
 
 # ---------------------------------------------------------------------- answers

@@ -193,8 +193,8 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         rate_upload = gr.File(label="…or a prompt file (prompt or messages column)",
                                               file_types=DATA_TYPES, height=130, min_width=200)
-                        rate_sample = gr.Dropdown(choices=list(h.sample_files()), value=None, min_width=200,
-                                                  label="…or a shipped file")
+                        rate_sample = gr.Dropdown(choices=rh.prompt_sample_choices(), value=rh.NO_FILE,
+                                                  min_width=200, label="…or a shipped file")
                     rate_file_info = gr.Markdown()
                 with gr.Column(scale=1):
                     with gr.Row():

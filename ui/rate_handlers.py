@@ -36,6 +36,7 @@ JUDGES = [("exact: the answer equals the reference column", "exact"),
           ("number: same last number as the reference", "number"),
           ("demo arithmetic (python:kto_lite.demo.task:judge)", "python:kto_lite.demo.task:judge")]
 MAX_ANSWERS = 16
+NO_FILE = ""  # the shipped-file dropdown's "use the typed prompts" choice
 
 
 # ---------------------------------------------------------------------- prompts
@@ -95,7 +96,7 @@ def load_prompt_file(path: str | Path | None, shown: str | None = None):
     extra = f"; other columns, for a judge: {', '.join(f'`{c}`' for c in others)}" if others else ""
     state = {"path": str(path), "name": shown, "prompts": prompts, "columns": columns}
     return state, (f"**{len(prompts)} distinct prompts** in {h._markdown_text(shown)}{extra}. "
-                   "They replace the typed prompts; clear the file to use those again.")
+                   "They replace the typed prompts (clear the upload, or choose *none*, to use those).")
 
 
 def on_prompt_upload(file_path: str | None):
@@ -103,7 +104,12 @@ def on_prompt_upload(file_path: str | None):
 
 
 def on_prompt_sample(choice: str | None):
+    """A shipped file chosen, or NO_FILE: back to the typed prompts."""
     return load_prompt_file(h.sample_files().get(choice or ""), choice)
+
+
+def prompt_sample_choices() -> list[tuple[str, str]]:
+    return [("none: the typed prompts", NO_FILE)] + [(name, name) for name in h.sample_files()]
 
 
 # ---------------------------------------------------------------------- answers
@@ -111,8 +117,7 @@ def generate(source: str | None, base_model: str, typed: str, prompt_file: dict 
              n: float, temperature: float, seed: float, max_new_tokens: float, system: str,
              progress=gr.Progress()):
     """Answer every prompt n times. Yields (answers chatbot, status, batch) after each prompt."""
-    prompts = prompt_file["prompts"] if prompt_file else typed_prompts(typed)
-    prompts = prompts[: max(1, int(max_prompts or 1))]
+    prompts = prompt_file["prompts"][: max(1, int(max_prompts or 1))] if prompt_file else typed_prompts(typed)
     n, seed = int(n or 1), int(seed or 0)
     problem = _generation_problem(source, prompts, n, temperature)
     if problem:
