@@ -207,6 +207,7 @@ def test_long_errors_are_shown_whole_and_wrapped(tmp_path):
     assert len(items) == 21 and "and 10 more lines with problems" in items[-1]  # 20 errors, then the count
     assert all("labels.jsonl, line" in item for item in items[:20])
     assert "number 19 a label nobody knows, number 19" in items[19]
+    assert "labels.jsonl, line 1: 'label': unknown label 'a label nobody knows, number 0" in items[0]  # no entities
 
 
 def test_a_near_even_label_split_is_not_a_problem(tmp_path):

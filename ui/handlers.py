@@ -123,8 +123,9 @@ def _problems(report) -> list[str]:
 
 
 def _markdown_text(text: str) -> str:
-    """Plain text shown as Markdown: HTML escaped, and the characters Markdown would interpret."""
-    return re.sub(r"([\\`*_\[\]#|~])", r"\\\1", html.escape(text))
+    """Plain text shown as Markdown: the characters Markdown would interpret, then HTML's <, > and &
+    escaped (in this order: a backslash before the # of an HTML entity would show the entity)."""
+    return html.escape(re.sub(r"([\\`*_\[\]#|~])", r"\\\1", text), quote=False)
 
 
 def _error_markdown(error: Exception, path: str | Path, shown: str) -> str:
