@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 
 import yaml
@@ -112,6 +114,8 @@ def run(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the message is what the user gets; the traceback is noise
+    except Exception as e:  # the message is what the user gets; KTO_LITE_DEBUG=1 shows the traceback
+        if os.environ.get("KTO_LITE_DEBUG"):
+            traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -2,93 +2,52 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+from . import cli
+from .data import CANONICAL
 
-from kto_lite.config import TrainConfig
-from kto_lite.data import CANONICAL, DataError, load_data, tokenize
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m kto_lite data",
-        description="Read a labeled data file, detect its format and print a report: counts, label balance, "
-        "suggested weights, rows dropped and why, and token lengths when --model is given.",
-    )
-    parser.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file or a save_to_disk folder")
-    parser.add_argument(
-        "--model", metavar="PATH", help="tokenize with this model's tokenizer (hub id or folder)"
-    )
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=defaults.max_length,
-        metavar="N",
-        help=f"prompt+completion token limit (default {defaults.max_length})",
-    )
-    parser.add_argument(
-        "--max-prompt-length",
-        type=int,
-        default=defaults.max_prompt_length,
-        metavar="N",
-        help=f"prompt token limit; longer prompts keep their end (default {defaults.max_prompt_length})",
-    )
-    parser.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="tokenize plain-text prompts without the chat template",
-    )
-    parser.add_argument(
-        "--column",
-        action="append",
-        default=[],
-        metavar="NAME=CANONICAL",
-        help=f"use column NAME as CANONICAL (one of {', '.join(CANONICAL)}); repeatable",
-    )
-    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
-    return parser
+TOKENIZE_FIELDS = ["model", "revision", "trust_remote_code", "max_length", "max_prompt_length", "use_chat_template"]
 
 
 def main(argv: list[str]) -> int:
     """Exit status: 0 report printed, 2 unusable data or arguments."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help or a usage error; argparse already printed
-        return int(e.code or 0)
+    parser = cli.Parser("data", "Read a labeled data file, detect its format and print a report: counts, label "
+                        "balance, suggested weights, rows dropped and why, and token lengths when --model is given.")
+    parser.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file or a save_to_disk folder")
+    parser.add_flag("column", action="append", default=[], metavar="NAME=CANONICAL",
+                    help=f"use column NAME as CANONICAL (one of {', '.join(CANONICAL)}); repeatable")
+    parser.add_flag("json", metavar="OUT", help="also write the report as JSON to OUT")
+    parser.add_config_fields(TOKENIZE_FIELDS)
+    args = parser.parse_args(argv)
+    return cli.run(lambda: report(args))
+
+
+def report(args) -> int:
+    from .config import TrainConfig
+    from .data import load_data, tokenize
+
     column_map = {}
     for item in args.column:
         name, sep, canonical = item.partition("=")
         if not sep:
-            print(f"error: --column expects NAME=CANONICAL, got {item!r}", file=sys.stderr)
-            return 2
+            raise cli.UsageError(f"--column expects NAME=CANONICAL, got {item!r}")
         column_map[name.strip()] = canonical.strip()
-    try:
-        examples, report = load_data(args.file, column_map or None)
-        if args.model:
-            tokenize(
-                examples,
-                _load_tokenizer(args.model),
-                max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length,
-                use_chat_template=False if args.no_chat_template else None,
-                report=report,
-            )
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.format())
+    overrides = cli.config_overrides(args)
+    if overrides and not overrides.get("model"):
+        raise cli.UsageError(f"--{next(iter(overrides))} needs --model: token lengths need the model's tokenizer")
+    examples, data_report = load_data(args.file, column_map or None)
+    if overrides.get("model"):
+        from .model import load_tokenizer
+
+        config = TrainConfig.from_dict(overrides, source="flags").resolved()
+        try:
+            tokenizer = load_tokenizer(config.model, revision=config.revision,
+                                       trust_remote_code=config.trust_remote_code)
+        except OSError as e:
+            raise cli.UsageError(f"cannot load a tokenizer from {config.model!r} ({e})") from e
+        tokenize(examples, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                 use_chat_template=config.use_chat_template, report=data_report)
+    print(data_report.format())
     if args.json:
-        report.save(args.json)
+        data_report.save(args.json)
         print(f"\nreport written to {args.json}")
     return 0
-
-
-def _load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # transformers raises OSError, ValueError, ... for a path it cannot use
-        raise OSError(f"cannot load a tokenizer from {model!r} ({e})") from e

@@ -188,6 +188,8 @@ class TrainConfig:
         for name, value in derived.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
+        if c.init_adapter:
+            _adopt_adapter_shape(c)
         if c.max_prompt_length is None:
             c.max_prompt_length = max(1, c.max_length // 2)
         if c.lora_alpha is None:
@@ -218,8 +220,8 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-        """Read a YAML file (or nothing: all defaults), then apply CLI-style overrides on top."""
+    def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+        """Read a YAML file (or nothing: all defaults), then apply overrides (e.g. command-line flags) on top."""
         values: dict = {}
         if path is not None:
             path = Path(path)
@@ -231,28 +233,35 @@ class TrainConfig:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from e
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
-        if isinstance(overrides, list):
-            overrides = parse_overrides(overrides)
         values.update(overrides or {})
         return cls.from_dict(values, source=str(path) if path else "config")
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """`--beta 0.2 --lora_target_modules [q_proj,v_proj] --load-in-4bit false` -> dict (values as YAML)."""
-    values, i = {}, 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"expected --field value, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = args[i + 1], i + 1
-        values[key] = yaml.safe_load(value) if value != "" else None
-        i += 1
-    return values
+def _adopt_adapter_shape(c: TrainConfig) -> None:
+    """Continuing from init_adapter keeps that adapter's shape (rank, alpha, target modules): a value set
+    to something else is an error, an unset one takes the adapter's."""
+    import json
+
+    path = Path(c.init_adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"init_adapter: {c.init_adapter} holds no adapter (adapter_config.json is missing)")
+    adapter = json.loads(path.read_text())
+    shape = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha"),
+             "lora_target_modules": adapter.get("target_modules")}
+    default = TrainConfig.__dataclass_fields__
+    for name, value in shape.items():
+        given, unset = getattr(c, name), _default_of(default[name])
+        if isinstance(value, list | set | tuple):
+            value = sorted(value)
+            given = sorted(given) if isinstance(given, list) else given
+        if given not in (None, unset, value) and not (name == "lora_target_modules" and given == "all-linear"):
+            raise ConfigError(f"{name}: {getattr(c, name)!r} differs from init_adapter's {value!r}; an adapter keeps "
+                              "its shape when training continues (leave the field empty)")
+        setattr(c, name, value)
+
+
+def _default_of(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def field_help() -> dict[str, str]:
@@ -301,7 +310,10 @@ def _coerce(name: str, value, hint):
             return value
         if typing.get_origin(option) is list and isinstance(value, list | tuple):
             return [str(v) for v in value]
-    wanted = " or ".join("list" if typing.get_origin(o) is list else getattr(o, "__name__", str(o)) for o in options)
+    wanted = " or ".join("list" if typing.get_origin(o) is list else getattr(o, "__name__", str(o))
+                         for o in options if o is not type(None))
+    if type(None) in options:
+        wanted += " (or empty)"
     if name.endswith("_weight"):
         wanted = "a number or 'auto'"
     raise ConfigError(f"{name}: expected {wanted}, got {value!r}")

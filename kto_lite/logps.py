@@ -74,3 +74,9 @@ class PolicyLogps(torch.nn.Module):
 
     def forward(self, rows: Rows) -> torch.Tensor:
         return completion_logps(self.model, rows)
+
+
+def supports_packing(model) -> bool:
+    """Whether `completion_logps` may pack this model's rows (padding-free). Until packing is proven per
+    architecture, the padded layout is used."""
+    return False

@@ -36,6 +36,8 @@ def kto_loss(
     labels: torch.Tensor,
     *,
     z0: torch.Tensor | None = None,
+    policy_kl_logps: torch.Tensor | None = None,
+    reference_kl_logps: torch.Tensor | None = None,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -48,8 +50,8 @@ def kto_loss(
                           undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r_i)))
       apo_zero_unpaired:  desirable:   lambda_D * (1 - sigmoid(beta * r_i))
                           undesirable: lambda_U * sigmoid(beta * r_i)       (no z0 is used)
-    `labels` (B,) is True for desirable examples. `z0` (from `z0_estimate`) is detached and clamped
-    at 0 here again: no gradient flows through it. Returns the mean loss, per-example losses, rewards
+    `labels` (B,) is True for desirable examples. `z0` (see `z0_estimate`), or the KL rows' log-probs
+    (M,) to estimate it from, is detached and clamped at 0: no gradient flows through it. Returns the mean loss, per-example losses, rewards
     beta * r_i (detached, as logged) and z0 (0 for apo_zero_unpaired).
     """
     labels = labels.bool()
@@ -57,7 +59,9 @@ def kto_loss(
     r = r.to(torch.promote_types(r.dtype, torch.float32))
     if loss_type == "kto":
         if z0 is None:
-            raise ValueError("loss_type 'kto' needs z0 (see z0_estimate)")
+            if policy_kl_logps is None or reference_kl_logps is None:
+                raise ValueError("loss_type 'kto' needs z0, or the KL rows' log-probs to estimate it")
+            z0 = z0_estimate(policy_kl_logps, reference_kl_logps)
         z0 = z0.detach().to(r.dtype).clamp(min=0)
         desirable_losses = 1 - torch.sigmoid(beta * (r - z0))
         undesirable_losses = 1 - torch.sigmoid(beta * (z0 - r))

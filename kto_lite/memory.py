@@ -17,7 +17,6 @@ The predicted peak is the larger of that step's and the reference precompute's b
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, TrainConfig, parse_overrides
+from .config import TrainConfig
 from .logps import chunk_rows  # rows of the (rows, vocab) fp32 logits chunks in the head
 from .reference import REFERENCE_BATCH_MULTIPLIER  # reference precompute batch = this x batch_size
 
@@ -571,28 +570,32 @@ def estimate_hours(config: TrainConfig, model_config: dict | PretrainedConfig | 
 
 # ---------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kto_lite estimate [CONFIG.yaml] [--field value ...] [--gpu-memory GB] [--gpu NAME] [--device cpu]`.
+    """`python -m kto_lite estimate [CONFIG.yaml] [--FIELD VALUE ...] [--gpu_memory GiB] [--gpu NAME] [--device cpu]`.
 
-    Prints the breakdown; with a budget (--gpu-memory, or a known --gpu) also whether it fits and what
+    Prints the breakdown; with a budget (--gpu_memory, or a known --gpu) also whether it fits and what
     to change. Exit status: 0 fits (or no budget given), 1 does not fit, 2 bad config or model.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m kto_lite estimate [CONFIG.yaml]", allow_abbrev=False,
-                                     description=main.__doc__.splitlines()[0],
-                                     epilog="Any other --field value is a config override, as for train.")
-    parser.add_argument("--gpu-memory", type=float, help="GPU memory budget in GiB, e.g. 12")
-    parser.add_argument("--gpu", help="GPU name, e.g. 'T4' or 'RTX 4090': fp16 vs bf16, and its memory as budget")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    path = argv.pop(0) if argv and not argv[0].startswith("-") else None  # not argparse: it would take a flag's value
-    args, rest = parser.parse_known_args(argv)
-    try:
-        config = TrainConfig.load(path, parse_overrides(rest))
+    from . import cli
+
+    parser = cli.Parser("estimate", main.__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="a YAML file of config fields, as for train")
+    parser.add_flag("gpu_memory", type=float, help="GPU memory budget in GiB, e.g. 12")
+    parser.add_flag("gpu", help="GPU name, e.g. 'T4' or 'RTX 4090': fp16 vs bf16, and its memory as budget")
+    parser.add_flag("device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_flag("json", action="store_true", help="print the breakdown as JSON")
+    parser.add_config_fields()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        config = TrainConfig.load(args.config, cli.config_overrides(args)).resolved()
         gpu = find_gpu(args.gpu)
         budget = args.gpu_memory or (gpu.vram_gib if gpu else None)
         if args.gpu and not gpu and not args.gpu_memory:
-            print(f"note: unknown GPU {args.gpu!r} (known: {', '.join(GPUS)}); give --gpu-memory GiB", file=sys.stderr)
-        result = estimate_memory(config, gpu_name=args.gpu, device=args.device)
+            print(f"note: unknown GPU {args.gpu!r} (known: {', '.join(GPUS)}); give --gpu_memory GiB", file=sys.stderr)
+        try:
+            result = estimate_memory(config, gpu_name=args.gpu, device=args.device)
+        except MemoryEstimateError as e:
+            raise cli.UsageError(str(e)) from e
         if args.json:
             print(json.dumps(result.to_dict(), indent=2))
         else:
@@ -602,9 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in suggest_fit(config, budget, gpu_name=args.gpu, device=args.device):
             print(f"  - {line}")
         return 1
-    except (ConfigError, MemoryEstimateError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

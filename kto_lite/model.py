@@ -39,16 +39,26 @@ def device_map() -> dict:
     return {"": "cpu"}
 
 
-def load_tokenizer(name: str | None):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+def load_tokenizer(name: str | None, *, revision: str | None = None, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), revision=revision,
+                                              trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_base(name: str | None, *, load_in_4bit: bool = True):
+def choose_precision(setting: str = "auto") -> str:
+    """"bf16", "fp16" or "no" (fp32). Temporary: the compute-capability rule lands with the loading work."""
+    if setting != "auto":
+        return setting
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(), "no")
+
+
+def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "auto", revision=None,
+              trust_remote_code: bool = False, attn_implementation=None):
     """The base model, 4-bit NF4 with double quantization (QLoRA), or unquantized."""
-    dtype = compute_dtype()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}.get(
+        choose_precision(precision), torch.float32)
     quantization = None
     if load_in_4bit:
         quantization = BitsAndBytesConfig(
@@ -86,18 +96,22 @@ def keep_4bit_layout_trainable(model) -> None:
 
 
 def add_lora(model, config: TrainConfig) -> PeftModel:
-    """Attach fresh LoRA adapters (B = 0, so the policy starts exactly equal to the reference)."""
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
+    """Attach the trainable LoRA adapter "default": fresh (B = 0, so the policy starts equal to the
+    reference), or a copy of `config.init_adapter` to continue from. With reference "init_adapter", that
+    adapter is also loaded frozen as "reference" (a second small adapter, not a second base)."""
+    config = config.resolved()  # lora_alpha and friends derived, if the caller has not done it
     for p in model.parameters():  # only LoRA weights train; peft freezes the rest, we make sure
         p.requires_grad_(False)
     keep_4bit_layout_trainable(model)
-    model = get_peft_model(model, lora)
+    if config.init_adapter:
+        model = PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True)
+        if config.reference == "init_adapter":
+            model.load_adapter(str(config.init_adapter), adapter_name="reference", is_trainable=False)
+            model.set_adapter("default")
+    else:
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         # non-reentrant checkpointing needs no `enable_input_require_grads` hack and works with
         # frozen embeddings; peft/transformers only recompute during training-mode passes
@@ -118,19 +132,31 @@ def load_adapter(base, adapter_dir: str | Path, *, trainable: bool = False) -> P
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
+def has_reference_adapter(model) -> bool:
+    return "reference" in getattr(model, "peft_config", {})
+
+
 @contextlib.contextmanager
 def reference_mode(model):
-    """Make `model` act as the reference: adapters disabled, no grad, eval mode.
+    """Make `model` act as the KTO reference: no grad, eval mode, and the adapters switched off, or, when
+    the model holds a frozen "reference" adapter (config.reference: init_adapter), that adapter instead.
 
     Eval mode also switches off LoRA dropout and gradient checkpointing for these passes (a no-grad
-    pass has nothing to recompute). Training mode is restored on exit.
+    pass has nothing to recompute). Training mode and the trainable adapter are restored on exit.
     """
     was_training = model.training
     model.eval()
     try:
-        with model.disable_adapter(), torch.no_grad():
-            yield model
+        if has_reference_adapter(model):
+            model.set_adapter("reference", inference_mode=True)  # also freezes "default" while active
+            with torch.no_grad():
+                yield model
+        else:
+            with model.disable_adapter(), torch.no_grad():
+                yield model
     finally:
+        if has_reference_adapter(model):
+            model.set_adapter("default", inference_mode=False)  # "default" trainable again, "reference" frozen
         model.train(was_training)
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .batching import collate
 from .logps import completion_logps
-from .model import reference_mode
+from .model import has_reference_adapter, reference_mode
 
 REFERENCE_BATCH_MULTIPLIER = 2  # no-grad batches of 2 x batch_size: faster, and below the training peak
 
@@ -46,6 +46,10 @@ def model_fingerprint(model) -> str:
                 h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     else:  # a hub id: the resolved revision identifies the weights
         h.update(f"{source}@{getattr(base.config, '_commit_hash', None)}".encode())
+    if has_reference_adapter(model):  # reference: init_adapter -- the frozen adapter is part of the reference
+        for name, tensor in sorted(model.state_dict().items()):
+            if ".reference." in name:
+                h.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -75,22 +79,46 @@ def compute_reference_logps(
 
 def cached_reference_logps(
     model, sequences, *, pad_token_id: int, batch_size: int, cache_dir: Path | None, fingerprint: str,
-    desc: str = "reference log-probs", show_progress: bool = True,
+    desc: str = "reference log-probs", show_progress: bool = True, world: int = 1, rank: int = 0,
 ) -> torch.Tensor:
-    """compute_reference_logps, read from / written to `cache_dir` (None: no caching)."""
-    if cache_dir is None:
-        return compute_reference_logps(model, sequences, pad_token_id=pad_token_id, batch_size=batch_size,
-                                       desc=desc, show_progress=show_progress)
+    """compute_reference_logps, read from / written to `cache_dir` (None: no caching).
+
+    With several processes (world > 1) each computes every world-th sequence and the pieces are
+    gathered, so the pass costs 1/world of the single-process time; every process gets all values.
+    """
     key = hashlib.sha256((fingerprint + sequences_fingerprint(sequences)).encode()).hexdigest()[:32]
-    path = Path(cache_dir) / "reference" / f"{key}.pt"
-    if path.is_file():
+    path = Path(cache_dir) / "reference" / f"{key}.pt" if cache_dir is not None else None
+    hit = path is not None and path.is_file()
+    if world > 1:  # every process must take the same branch (the file may appear while they check)
+        hit = _all_processes(hit)
+    if hit:
         values = torch.load(path)
         if values.shape == (len(sequences),):
             return values
-    values = compute_reference_logps(model, sequences, pad_token_id=pad_token_id, batch_size=batch_size,
-                                     desc=desc, show_progress=show_progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(values, tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    mine = list(range(rank, len(sequences), world))
+    values = torch.zeros(len(sequences), dtype=torch.float32)
+    values[mine] = compute_reference_logps(model, [sequences[i] for i in mine], pad_token_id=pad_token_id,
+                                           batch_size=batch_size, desc=desc, show_progress=show_progress)
+    if world > 1:
+        import torch.distributed as dist
+
+        device = next(model.parameters()).device
+        values = values.to(device)
+        dist.all_reduce(values)  # each position is non-zero on exactly one process
+        values = values.cpu()
+    if path is not None and rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(values, tmp)
+        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return values
+
+
+def _all_processes(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

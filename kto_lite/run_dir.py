@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return rows
 
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
         return True
@@ -59,8 +60,17 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+# What a run writes before it has a checkpoint: a folder holding only these may be replaced.
+RUN_FILES = ("status.json", "config.yaml", "data_report.json", "metrics.jsonl", "train.log", "tokenizer*",
+             "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", "vocab.*", "merges.txt",
+             "*.model", "generation_config.json")
+
+
 def prepare_output_dir(config: TrainConfig) -> Path | None:
-    """Create output_dir, or decide what to do with what is there. Returns a checkpoint to resume from."""
+    """Create output_dir, or decide what to do with what is there. Returns a checkpoint to resume from.
+
+    Called by one process only (the main one under DDP).
+    """
     out = Path(config.output_dir)
     resume = config.resume_from_checkpoint
     if resume not in (False, None, "") and resume is not True:
@@ -69,25 +79,36 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
             raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a kto_lite checkpoint folder")
         return ckpt
     status = read_status(out)
-    if status and status.get("status") == "running" and _pid_alive(status.get("pid")):
+    if status and status.get("status") == "running" and pid_alive(status.get("pid")):
         raise ConfigError(f"output_dir {out} has a run in progress (pid {status.get('pid')}); stop it first")
     if resume is True:
         found = checkpoints(out)
         if not found:
-            raise ConfigError(f"resume_from_checkpoint: no checkpoint in {out / 'checkpoints'} to resume from")
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint in {out / 'checkpoints'} to resume from; "
+                              "start a new run instead (a run that never saved a checkpoint is simply replaced)")
         return found[-1]
     if out.exists() and any(out.iterdir()):
-        if not config.overwrite_output_dir:
+        if _replaceable(out):  # a run that died before its first checkpoint (e.g. while reading its data)
+            shutil.rmtree(out)
+        elif not config.overwrite_output_dir:
             what = f"a {status['status']} run" if status else "files"
             raise ConfigError(
                 f"output_dir {out} already holds {what}. Use another output_dir, resume with "
                 f"--resume_from_checkpoint true, or --overwrite_output_dir true (the old folder is moved aside)"
             )
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(out), str(aside))
-        print(f"moved the previous run to {aside}")
+        else:
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(out), str(aside))
+            print(f"moved the previous run to {aside}")
     out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _replaceable(out: Path) -> bool:
+    """Only files of a run that never got far enough to save anything worth keeping (no adapter, no checkpoint)."""
+    status = read_status(out)
+    return bool(status) and status.get("status") in ("failed", "stopped") and all(
+        p.is_file() and any(fnmatch(p.name, g) for g in RUN_FILES) for p in out.iterdir())
 
 
 class RunDir:
@@ -114,24 +135,50 @@ class RunDir:
             rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
             _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    def save_checkpoint(self, step: int, model, optimizer, scheduler, *, keep: int) -> None:
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, accelerator, config: TrainConfig) -> None:
+        """Adapter, optimizer, schedule, loss scaler, RNG and the run's config, under checkpoints/checkpoint-N."""
         if not self.main:
             return
         folder = self.path / "checkpoints" / f"checkpoint-{step}"
-        model.save_pretrained(folder)  # adapter weights only: the base never changes
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        model.save_pretrained(folder, selected_adapters=["default"])  # adapter weights only: the base never changes
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler,
                     "rng": _rng_state()}, folder / "training_state.pt")
+        config.save(folder / "config.yaml")
         (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
-        for old in checkpoints(self.path)[:-keep]:
+        for old in checkpoints(self.path)[: -config.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
-    """Restore adapter weights, optimizer, schedule and RNG from a checkpoint; returns its step."""
+# Fields that may change between a checkpoint and its resume: they do not change what is computed.
+RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "eval_steps",
+                     "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_private", "eval_data",
+                     "attn_implementation", "padding_free"}
+
+
+def check_resumable(folder: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that would make a different run than the one checkpointed."""
+    saved_path = folder / "config.yaml"
+    if not saved_path.is_file():
+        return  # a checkpoint from before config snapshots: nothing to compare
+    saved = TrainConfig.load(saved_path).to_dict()
+    now = config.to_dict()
+    changed = [f"{k} (checkpoint: {saved[k]!r}, now: {now[k]!r})" for k in now
+               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(f"cannot resume from {folder}: these settings differ from the checkpoint's: "
+                          + "; ".join(changed) + ". Resume with the run's own config.yaml, or start a new run.")
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, config: TrainConfig) -> int:
+    """Restore adapter weights, optimizer, schedule, loss scaler and RNG from a checkpoint; returns its step."""
+    check_resumable(folder, config)
     set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
     state = torch.load(folder / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return json.loads((folder / "trainer_state.json").read_text())["step"]
 

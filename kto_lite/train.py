@@ -1,19 +1,22 @@
-"""KTO training, top to bottom: data -> model -> reference log-probs -> loop -> adapter.
+"""KTO training as one recipe, top to bottom: setup -> train_step -> the loop -> save.
 
-One optimizer step (`train_step`): for each micro-batch, policy log-probs of the examples (with
-grad), policy log-probs of the KL rows (no grad: z0 is detached), reference log-probs of both
-(cached, or adapters off), `kto_loss`, backward; then clip, optimizer step, log.
+    setup       data (tokenized examples + their reference log-prob columns), model (4-bit base +
+                LoRA, the reference is the same model with the adapters off), optimizer, schedule
+    train_step  for each micro-batch: policy log-probs -> z0 -> kto_loss -> backward;
+                then clip, optimizer step, log
+    the loop    steps planned once, checkpoints, eval, graceful stop
+    save        the adapter, status.json and a summary
 
-accelerate provides devices, DDP (`accelerate launch` / `torchrun`), mixed precision and
-no-sync accumulation; transformers provides the LR schedules. Checkpoints are ours because they
-hold only the adapter and optimizer state (accelerate's save_state would copy the 4-bit base).
+accelerate provides devices, DDP (`accelerate launch` / `torchrun`), mixed precision (with a loss
+scaler for fp16) and no-sync accumulation; transformers provides the LR schedules. Checkpoints are
+ours because they hold only the adapter and optimizer state (accelerate's save_state would copy the
+4-bit base).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import resource
 import signal
 import time
 from contextlib import nullcontext
@@ -22,49 +25,369 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batching import collate, epoch_batches, kl_partners
-from .config import TrainConfig
-from .data import load_data, tokenize
-from .logps import PolicyLogps, completion_logps
-from .loss import kto_loss, z0_estimate
-from .model import (
-    add_lora,
-    compute_dtype,
-    load_base,
-    load_tokenizer,
-    no_grad_policy,
-    reference_mode,
-)
+from .batching import Rows, collate, epoch_batches, kl_partners
+from .config import ConfigError, TrainConfig
+from .data import TokenizedExample, load_data, tokenize
+from .logps import PolicyLogps, completion_logps, supports_packing
+from .loss import kto_loss
+from .metrics import Meter, peak_memory_mb
+from .model import add_lora, choose_precision, load_base, load_tokenizer, no_grad_policy, reference_mode
 from .reference import (
     REFERENCE_BATCH_MULTIPLIER,
     cached_reference_logps,
     default_cache_dir,
     model_fingerprint,
 )
-from .run_dir import RunDir, load_checkpoint, prepare_output_dir
+from .run_dir import RunDir, load_checkpoint, prepare_output_dir, read_metrics
 
 OOM_ADVICE = ("out of GPU memory. Lower batch_size (and raise gradient_accumulation_steps to keep the "
               "effective batch), lower max_length / max_prompt_length, keep gradient_checkpointing and "
               "load_in_4bit on, or lower lora_r. `python -m kto_lite estimate` predicts what fits.")
+NONFINITE_ADVICE = ("the loss or the gradients were not finite for {n} steps in a row, so training stopped "
+                    "instead of learning from NaN. Lower learning_rate, try mixed_precision: no (or bf16 on a "
+                    "GPU that has it), and check the data report for extreme rows.")
+MAX_SKIPPED_STEPS = 5  # non-finite steps in a row before the run stops
+MAX_SKIPPED_STEPS_FP16 = 20  # fp16's loss scaler halves its scale on each overflow: allow it to settle
 
 
+# ====================================================================== data: examples + reference columns
+@dataclass
+class Split:
+    """Tokenized examples and their reference log-prob columns, computed before training.
+
+    Each epoch pairs every example with another one's completion (its KL row, for z0); the pairing
+    and its reference column are per epoch. Columns are None when references are computed on the fly.
+    """
+
+    examples: list[TokenizedExample]
+    kl_partners: list[list[int]] = field(default_factory=list)  # [epoch][i]: the example whose completion i borrows
+    reference_logps: torch.Tensor | None = None  # (N,) log pi_ref(y_i | x_i)
+    reference_kl_logps: list[torch.Tensor] = field(default_factory=list)  # [epoch] (N,) log pi_ref(y_partner | x_i)
+
+
+@dataclass
+class MicroBatch:
+    rows: Rows  # the examples
+    kl_rows: Rows | None  # each example's prompt + its KL partner's completion (None: no z0 needed)
+    labels: torch.Tensor  # (B,) bool, True = desirable
+    reference_logps: torch.Tensor | None  # (B,) from the split's column, or None: computed now
+    reference_kl_logps: torch.Tensor | None  # (B,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def split_by_prompt(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) with `fraction` of the *prompts* held out: all answers to one prompt stay together."""
+    prompts = sorted({repr(e.prompt) for e in examples})
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[: max(1, int(len(prompts) * fraction))])
+    return [e for e in examples if repr(e.prompt) not in held_out], [e for e in examples if repr(e.prompt) in held_out]
+
+
+def plan_steps(epoch_plan, batches_per_epoch: int, config: TrainConfig) -> list[list[tuple[int, list[int]]]]:
+    """The whole run's optimizer steps, each a list of (epoch, example indices) micro-batches.
+
+    Exactly num_epochs x batches_per_epoch micro-batches (the last step may hold fewer), or
+    max_steps full steps: never a micro-batch of an epoch that is not trained (which would cost a
+    whole extra KL reference pass).
+    """
+    gas = config.gradient_accumulation_steps
+    n_micro = config.max_steps * gas if config.max_steps else max(1, round(config.num_epochs * batches_per_epoch))
+    n_epochs = math.ceil(n_micro / batches_per_epoch)
+    micro = [(epoch, batch) for epoch in range(n_epochs) for batch in epoch_plan(epoch)][:n_micro]
+    return [micro[i : i + gas] for i in range(0, len(micro), gas)]
+
+
+class Recipe:
+    """One training run. `setup` builds everything; `fit` runs the loop. Read top to bottom."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator, run: RunDir, show_progress: bool = True):
+        self.config, self.accelerator, self.run = config, accelerator, run
+        self.show_progress = show_progress and accelerator.is_local_main_process
+        self.stop_requested = False  # set by SIGINT/SIGTERM (see `train`)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, run = self.config, self.run
+        set_seed(cfg.seed)
+        # data: read, report, tokenize (every process does the same, deterministically)
+        self.tokenizer = load_tokenizer(cfg.model)
+        examples, report = load_data(cfg.data)
+        eval_examples = load_data(cfg.eval_data)[0] if cfg.eval_data else None
+        if eval_examples is None and cfg.eval_fraction > 0:
+            examples, eval_examples = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
+        lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                       use_chat_template=cfg.use_chat_template)
+        self.train_split = Split(tokenize(examples, self.tokenizer, report=report, **lengths))
+        self.eval_split = Split(tokenize(eval_examples, self.tokenizer, **lengths)) if eval_examples else None
+        if not self.train_split.examples:
+            raise ValueError(f"{cfg.data}: no usable example left after tokenization (see data_report.json)")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(cfg, name) == "auto":  # the report's suggestion for the examples kept (paper eq. 8)
+                setattr(cfg, name, float(getattr(report, name)))
+        if self.accelerator.is_main_process:
+            report.save(run.path / "data_report.json")
+            cfg.save(run.path / "config.yaml")
+            self.tokenizer.save_pretrained(run.path)
+        for warning in report.warnings:
+            self.accelerator.print(f"data warning: {warning}")
+
+        # model: 4-bit base + LoRA; the same object is the reference with its adapters off
+        run.status("running", phase="loading model")
+        self.model = add_lora(load_base(cfg.model, load_in_4bit=cfg.load_in_4bit, precision=self.precision,
+                                        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        attn_implementation=cfg.attn_implementation), cfg)
+        self.packed = cfg.padding_free if cfg.padding_free is not None else supports_packing(self.model)
+        self.pad_id = self.tokenizer.pad_token_id
+
+        # the plan: every optimizer step's micro-batches, fixed before the first step
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.steps = plan_steps(lambda e: self.epoch_plan(self.train_split, e), len(self.epoch_plan(self.train_split, 0)),
+                                cfg)
+        self.batches_per_epoch = len(self.epoch_plan(self.train_split, 0))
+        n_epochs = self.steps[-1][-1][0] + 1
+        self.train_split.kl_partners = [kl_partners(len(self.train_split.examples), seed=cfg.seed, epoch=e)
+                                        for e in range(n_epochs)]
+        if self.eval_split:
+            self.eval_split.kl_partners = [kl_partners(len(self.eval_split.examples), seed=cfg.seed, epoch=0)]
+
+        # optimizer and schedule over the LoRA weights only
+        self.optimizer = make_optimizer(self.model, cfg)
+        warmup = int(cfg.warmup_ratio * len(self.steps))
+        schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" and warmup else cfg.lr_scheduler_type
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=len(self.steps))
+        # DDP must see the forward that produces the graded log-probs: wrap it as a module
+        self.policy, self.optimizer = self.accelerator.prepare(PolicyLogps(self.model), self.optimizer)
+
+    @property
+    def precision(self) -> str:
+        return {"bf16": "bf16", "fp16": "fp16"}.get(self.accelerator.mixed_precision, "no")
+
+    def epoch_plan(self, split: Split, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of `epoch`: a pure function of (seed, epoch), so resume needs no state."""
+        ex = split.examples
+        batches = epoch_batches([len(e.prompt_ids) + len(e.completion_ids) for e in ex], [e.label for e in ex],
+                                self.config.batch_size, seed=self.config.seed, epoch=epoch,
+                                group_by_length=self.config.group_by_length)
+        per_process = len(batches) // self.accelerator.num_processes
+        if per_process == 0:
+            raise ValueError(f"{len(ex)} examples cannot make one batch on each of "
+                             f"{self.accelerator.num_processes} processes")
+        return batches[self.accelerator.process_index :: self.accelerator.num_processes][:per_process]
+
+    def compute_reference_columns(self, split: Split) -> None:
+        """log pi_ref of every example and of every epoch's KL rows: one no-grad pass each, cached on disk."""
+        ex, cfg = split.examples, self.config
+        kw = dict(pad_token_id=self.pad_id, batch_size=cfg.batch_size * REFERENCE_BATCH_MULTIPLIER,
+                  cache_dir=default_cache_dir(), fingerprint=model_fingerprint(self.model),
+                  show_progress=self.show_progress, world=self.world, rank=self.rank)
+        with self.accelerator.autocast():
+            split.reference_logps = cached_reference_logps(
+                self.model, [(e.prompt_ids, e.completion_ids) for e in ex], desc="reference log-probs", **kw)
+            if cfg.loss_type == "kto":  # apo_zero_unpaired has no z0, hence no KL rows
+                split.reference_kl_logps = [cached_reference_logps(
+                    self.model, [(e.prompt_ids, ex[p[i]].completion_ids[: cfg.max_length - len(e.prompt_ids)])
+                                 for i, e in enumerate(ex)], desc=f"reference KL log-probs, epoch {epoch + 1}", **kw)
+                    for epoch, p in enumerate(split.kl_partners)]
+
+    def micro_batch(self, split: Split, epoch: int, indices: list[int]) -> MicroBatch:
+        ex, device, cfg = split.examples, self.accelerator.device, self.config
+        prompts = [ex[i].prompt_ids for i in indices]
+        rows = collate(prompts, [ex[i].completion_ids for i in indices], self.pad_id, packed=self.packed)
+        kl_rows = None
+        if cfg.loss_type == "kto":
+            partner = split.kl_partners[epoch]
+            kl_rows = collate(prompts, [ex[partner[i]].completion_ids for i in indices], self.pad_id,
+                              cfg.max_length, packed=self.packed).to(device)
+        column = split.reference_logps
+        return MicroBatch(
+            rows=rows.to(device), kl_rows=kl_rows,
+            labels=torch.tensor([ex[i].label for i in indices], dtype=torch.bool, device=device),
+            reference_logps=column[indices].to(device) if column is not None else None,
+            reference_kl_logps=(split.reference_kl_logps[epoch][indices].to(device)
+                                if split.reference_kl_logps else None))
+
+    # ------------------------------------------------------------------ the pieces of a step
+    def reference_logps(self, rows: Rows, cached: torch.Tensor | None) -> torch.Tensor:
+        """(B,) log pi_ref: the precomputed column, or the same model with its adapters off, no grad."""
+        if cached is not None:
+            return cached
+        with self.accelerator.autocast(), reference_mode(self.model):
+            return completion_logps(self.model, rows)
+
+    def kl_logratios(self, mb: MicroBatch) -> torch.Tensor:
+        """(B',) log pi - log pi_ref of the KL rows that kept a completion token (they only feed the detached z0)."""
+        with self.accelerator.autocast(), no_grad_policy(self.model):
+            policy_kl_logps = completion_logps(self.model, mb.kl_rows)
+        ratios = policy_kl_logps - self.reference_logps(mb.kl_rows, mb.reference_kl_logps)
+        return ratios[mb.kl_rows.completion_lengths() > 0]  # the authors' code skips empty KL rows
+
+    def z0(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
+        """z0 = max(0, mean KL log-ratio) over these micro-batches and over all processes, detached."""
+        ratios = torch.cat([self.kl_logratios(mb) for mb in micro_batches]).double()
+        total = torch.stack([ratios.sum(), ratios.new_tensor(ratios.numel())])
+        if self.world > 1:
+            total = self.accelerator.reduce(total, "sum")  # every process uses the same z0 (DESIGN)
+        return (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
+
+    def loss(self, mb: MicroBatch, z0: torch.Tensor | None, *, grad: bool = True):
+        """kto_loss of one micro-batch (z0 from its own KL rows unless given). Returns (output, policy log-probs)."""
+        cfg = self.config
+        with nullcontext() if grad else torch.no_grad():
+            policy_logps = self.policy(mb.rows)  # (B,), with grad during training
+        reference_logps = self.reference_logps(mb.rows, mb.reference_logps)  # (B,)
+        if z0 is None and cfg.loss_type == "kto":
+            z0 = self.z0([mb])
+        out = kto_loss(policy_logps, reference_logps, mb.labels, z0=z0, beta=cfg.beta,
+                       desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+                       loss_type=cfg.loss_type)
+        return out, policy_logps.detach()
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[MicroBatch], meter: Meter) -> bool:
+        """Policy log-probs -> z0 -> kto_loss -> backward for each micro-batch; then clip and step.
+
+        Returns False when the step was skipped because the loss or the gradients were not finite.
+        """
+        cfg, n_examples = self.config, sum(len(mb) for mb in micro_batches)
+        step_z0 = self.z0(micro_batches) if cfg.kl_over_step and cfg.loss_type == "kto" else None
+        finite = True
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.policy):  # sync grads once per step
+                out, policy_logps = self.loss(mb, step_z0)
+                finite &= bool(torch.isfinite(out.loss))
+                self.accelerator.backward(out.loss * len(mb) / n_examples)  # the step's mean over examples
+            meter.add(out, policy_logps, mb.labels, mb.rows.tokens())
+        grad_norm = self.accelerator.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf"))
+        finite &= bool(torch.isfinite(grad_norm))
+        if finite or self.accelerator.scaler is not None:
+            self.optimizer.step()  # with fp16 the loss scaler skips an overflowing step itself and lowers its scale
+        stepped = finite and not self.optimizer.step_was_skipped
+        if stepped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        meter.step(float(grad_norm), skipped=not stepped)
+        return stepped
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The training metrics on the held-out split (eval mode: no dropout), keys prefixed eval_."""
+        meter = Meter()
+        self.policy.eval()
+        for indices in self.epoch_plan(self.eval_split, 0):
+            mb = self.micro_batch(self.eval_split, 0, indices)
+            out, policy_logps = self.loss(mb, None, grad=False)
+            meter.add(out, policy_logps, mb.labels, mb.rows.tokens())
+        self.policy.train()
+        return {f"eval_{k}": v for k, v in meter.result(self.accelerator).items()}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume_from: Path | None) -> dict:
+        cfg, run, started = self.config, self.run, time.perf_counter()
+        # all reference passes before the first step (and before a checkpoint's weights are loaded)
+        if cfg.precompute_reference:
+            run.status("running", phase="reference log-probs")
+            self.compute_reference_columns(self.train_split)
+            if self.eval_split is not None:
+                self.compute_reference_columns(self.eval_split)
+        reference_seconds = time.perf_counter() - started
+        start = 0
+        if resume_from is not None:
+            start = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.accelerator, cfg)
+            run.truncate_metrics(after_step=start)
+            self.accelerator.print(f"resuming from {resume_from} at step {start}")
+        total = len(self.steps)
+        run.status("running", phase="training", step=start, total_steps=total)
+        self.policy.train()
+        bar = tqdm(total=total, initial=start, desc="KTO", disable=not self.show_progress, dynamic_ncols=True)
+        meter, skipped_in_a_row, tokens = Meter(), 0, 0
+        limit = MAX_SKIPPED_STEPS_FP16 if self.accelerator.scaler is not None else MAX_SKIPPED_STEPS
+        for step in range(start + 1, total + 1):
+            micro_batches = [self.micro_batch(self.train_split, epoch, indices) for epoch, indices in self.steps[step - 1]]
+            stepped = self.train_step(micro_batches, meter)
+            skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+            if not stepped:
+                self.accelerator.print(f"warning: step {step} skipped: the loss or the gradients were not finite")
+            if skipped_in_a_row >= limit:
+                raise FloatingPointError(NONFINITE_ADVICE.format(n=skipped_in_a_row))
+            stop_now = self._stop_requested()
+            evaluate = self.eval_split is not None and (step % cfg.eval_steps == 0 or step == total)
+            if step % cfg.logging_steps == 0 or step == total or evaluate or stop_now:
+                line = {"step": step, "epoch": round(self.epochs_done(step), 4), **meter.result(self.accelerator),
+                        "learning_rate": self.scheduler.get_last_lr()[0], "peak_memory_mb": round(peak_memory_mb(), 1)}
+                tokens += line.pop("tokens")
+                if evaluate:
+                    line.update(self.evaluate())
+                run.log(line)
+                self.accelerator.log(line, step=step)  # trackers (report_to); no-op without
+                run.status("running", phase="training", step=step, total_steps=total)
+                bar.set_postfix(loss=f"{line['loss']:.4f}", margin=f"{line.get('rewards/margins', 0):.3f}")
+                meter = Meter()
+            bar.update(1)
+            if stop_now or (cfg.save_steps and step % cfg.save_steps == 0 and step < total):
+                self.save_checkpoint(step)
+            if stop_now:
+                bar.close()
+                return self.finish("stopped", step, started, reference_seconds, tokens)
+        bar.close()
+        self.save_checkpoint(total)
+        return self.finish("finished", total, started, reference_seconds, tokens)
+
+    def epochs_done(self, step: int) -> float:
+        micro = sum(len(s) for s in self.steps[:step])
+        return micro / self.batches_per_epoch
+
+    def _stop_requested(self) -> bool:
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor(float(self.stop_requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max"))
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        self.run.save_checkpoint(step, self.model, self.optimizer, self.scheduler, self.accelerator, self.config)
+
+    def finish(self, state: str, step: int, started: float, reference_seconds: float, tokens: int) -> dict:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(self.run.path, selected_adapters=["default"])
+        seconds = time.perf_counter() - started
+        timing = {"reference_seconds": round(reference_seconds, 3),
+                  "train_seconds": round(seconds - reference_seconds, 3), "tokens": tokens}
+        message = "" if state == "finished" else f"stopped at step {step}; resume with --resume_from_checkpoint true"
+        self.run.status(state, phase=state, step=step, message=message, timing=timing)
+        return {"state": state, "step": step, "total_steps": len(self.steps), "seconds": seconds}
+
+
+# ====================================================================== the entry point
 def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     """Run a whole training as `config` says; returns output_dir. Raises on failure, after writing status."""
     config = config.resolved()
-    resume_from = prepare_output_dir(config)
+    _check_tracker_installed(config.report_to)
+    precision = choose_precision(config.mixed_precision)
     accelerator = Accelerator(  # cpu=True lets `torchrun` on a CPU-only machine use gloo
-        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(), "no"),
-        cpu=not torch.cuda.is_available())
+        mixed_precision=precision, cpu=not torch.cuda.is_available(),
+        log_with=None if config.report_to == "none" else config.report_to, project_dir=config.output_dir)
+    resume_from = _prepare_output_dir(config, accelerator)
     run = RunDir(config.output_dir, main=accelerator.is_main_process)
-    stop = _StopFlag()
+    recipe = Recipe(config, accelerator, run, show_progress)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        _catch_stop_signals(recipe)
         run.status("running", phase="loading data", step=0)
-        trainer = Trainer(config, accelerator, run, stop, show_progress)
-        trainer.fit(resume_from)
+        recipe.setup()
+        if config.report_to != "none":
+            accelerator.init_trackers("kto_lite", config=_tracker_config(recipe.config))
+        result = recipe.fit(resume_from)
     except torch.cuda.OutOfMemoryError as e:
         run.status("failed", message=OOM_ADVICE)
         raise RuntimeError(OOM_ADVICE) from e
@@ -72,326 +395,89 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
         run.status("failed", message=f"{type(e).__name__}: {e}")
         raise
     finally:
-        stop.restore()
+        if config.report_to != "none":
+            accelerator.end_training()
+        for sig, handler in previous.items():
+            if handler is not None:
+                _set_signal(sig, handler)
+    if accelerator.is_main_process and show_progress:
+        print(summary(Path(config.output_dir), result))
     return Path(config.output_dir)
 
 
-class _StopFlag:
+def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path | None:
+    """The main process alone decides what to do with output_dir; the others get its answer (or error)."""
+    answer: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            answer[0] = prepare_output_dir(config)
+        except ConfigError as e:
+            answer[1] = str(e)
+    if accelerator.num_processes > 1:
+        answer = broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise ConfigError(answer[1])
+    return answer[0]
+
+
+def _catch_stop_signals(recipe: Recipe) -> None:
     """SIGINT/SIGTERM ask for a graceful stop (checkpoint + adapter saved); a second SIGINT aborts."""
 
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a UI worker): no signal handling
-            self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+    def handle(signum, frame):
+        if recipe.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        recipe.stop_requested = True
         print("\nstop requested: finishing this step, then saving a checkpoint and the adapter", flush=True)
 
-    def restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        _set_signal(sig, handle)
 
 
-@dataclass
-class Split:
-    """Tokenized examples plus their cached reference log-probs."""
-
-    examples: list
-    reference: torch.Tensor | None = None  # (N,)
-    reference_kl: dict[int, torch.Tensor] = field(default_factory=dict)  # epoch -> (N,)
-    plans: dict[int, list[list[int]]] = field(default_factory=dict)  # epoch -> this process's batches
-    partners: dict[int, list[int]] = field(default_factory=dict)  # epoch -> KL partner of each example
+def _set_signal(sig, handler) -> None:
+    try:
+        signal.signal(sig, handler)
+    except ValueError:  # not the main thread (e.g. called from a UI worker): no signal handling
+        pass
 
 
-class Trainer:
-    def __init__(self, config: TrainConfig, accelerator: Accelerator, run: RunDir, stop: _StopFlag, show_progress):
-        self.config, self.accelerator, self.run, self.stop = config, accelerator, run, stop
-        self.show_progress = show_progress and accelerator.is_local_main_process
-        set_seed(config.seed)
+def _check_tracker_installed(report_to: str) -> None:
+    import importlib.util
 
-        # ---- data: read, report, tokenize (every process does the same, deterministically)
-        self.tokenizer = load_tokenizer(config.model)
-        examples, report = load_data(config.data)
-        eval_examples = None
-        if config.eval_data:
-            eval_examples, _ = load_data(config.eval_data)
-        elif config.eval_fraction > 0:
-            shuffled = random.Random(config.seed).sample(examples, len(examples))
-            n_eval = max(1, int(len(examples) * config.eval_fraction))
-            eval_examples, examples = shuffled[:n_eval], shuffled[n_eval:]
-        tok = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                   use_chat_template=config.use_chat_template)
-        self.train_split = Split(tokenize(examples, self.tokenizer, report=report, **tok))
-        self.eval_split = Split(tokenize(eval_examples, self.tokenizer, **tok)) if eval_examples else None
-        if not self.train_split.examples:
-            raise ValueError(f"{config.data}: no usable example left after tokenization (see data_report.json)")
-        for name in ("desirable_weight", "undesirable_weight"):
-            if getattr(config, name) == "auto":  # the report's suggestion for the examples kept (paper eq. 8)
-                setattr(config, name, float(getattr(report, name)))
-        if accelerator.is_main_process:
-            report.save(run.path / "data_report.json")
-            config.save(run.path / "config.yaml")
-            self.tokenizer.save_pretrained(run.path)
-        for warning in getattr(report, "warnings", []):
-            accelerator.print(f"data warning: {warning}")
-
-        # ---- model: 4-bit base + LoRA; the same object is the reference with adapters off
-        run.status("running", phase="loading model")
-        self.model = add_lora(load_base(config.model, load_in_4bit=config.load_in_4bit), config)
-        self.optimizer = make_optimizer(self.model, config)
-        self.world = accelerator.num_processes
-        self.batches_per_epoch = len(self._epoch_plan(0))
-        self.total_steps = config.max_steps or math.ceil(
-            config.num_epochs * self.batches_per_epoch / config.gradient_accumulation_steps)
-        self.scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=int(config.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
-        # DDP must see the forward that produces the graded log-probs: wrap it as a module
-        self.policy, self.optimizer = accelerator.prepare(PolicyLogps(self.model), self.optimizer)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.cache_dir = default_cache_dir() if config.precompute_reference else None
-        self._fingerprint = None
-
-    # ------------------------------------------------------------------ data plan
-    def _epoch_plan(self, epoch: int, split: Split | None = None) -> list[list[int]]:
-        """This process's micro-batches of `epoch`: a pure function of (seed, epoch), so resume needs no state."""
-        split = split or self.train_split
-        if epoch not in split.plans:
-            ex = split.examples
-            batches = epoch_batches([len(e.prompt_ids) + len(e.completion_ids) for e in ex], [e.label for e in ex],
-                                    self.config.batch_size, seed=self.config.seed, epoch=epoch,
-                                    group_by_length=self.config.group_by_length)
-            per_process = len(batches) // self.world
-            if per_process == 0:
-                raise ValueError(f"{len(ex)} examples cannot make one batch on each of {self.world} processes")
-            rank = self.accelerator.process_index
-            split.plans = {epoch: batches[rank :: self.world][:per_process]}  # keep one epoch
-        return split.plans[epoch]
-
-    def _partners(self, split: Split, epoch: int) -> list[int]:
-        if epoch not in split.partners:
-            split.partners = {epoch: kl_partners(len(split.examples), seed=self.config.seed, epoch=epoch)}
-        return split.partners[epoch]
-
-    # ------------------------------------------------------------------ reference log-probs
-    def _reference(self, split: Split, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached reference log-probs of the examples and of this epoch's KL rows, (N,) each."""
-        if split.reference is None or epoch not in split.reference_kl:
-            if self._fingerprint is None:
-                self._fingerprint = model_fingerprint(self.model)  # config incl. quantization + weight files
-            ex, partners = split.examples, self._partners(split, epoch)
-            kw = dict(pad_token_id=self.pad_id, batch_size=self.config.batch_size * REFERENCE_BATCH_MULTIPLIER,
-                      cache_dir=self.cache_dir, fingerprint=self._fingerprint, show_progress=self.show_progress)
-            self.run.status("running", phase=f"reference log-probs (epoch {epoch + 1})")
-            with self.accelerator.autocast():
-                if split.reference is None:
-                    split.reference = cached_reference_logps(
-                        self.model, [(e.prompt_ids, e.completion_ids) for e in ex], desc="reference log-probs", **kw)
-                kl_rows = [(e.prompt_ids, ex[partners[i]].completion_ids[: self.config.max_length - len(e.prompt_ids)])
-                           for i, e in enumerate(ex)]
-                split.reference_kl[epoch] = cached_reference_logps(self.model, kl_rows, desc="reference KL log-probs", **kw)
-            split.reference_kl = {epoch: split.reference_kl[epoch]}  # keep one epoch in memory
-        return split.reference, split.reference_kl[epoch]
-
-    # ------------------------------------------------------------------ one micro-batch
-    def _batch(self, split: Split, epoch: int, indices: list[int]) -> dict:
-        ex, partners, device = split.examples, self._partners(split, epoch), self.accelerator.device
-        prompts = [ex[i].prompt_ids for i in indices]
-        return {"rows": collate(prompts, [ex[i].completion_ids for i in indices], self.pad_id).to(device),
-                "kl_rows": collate(prompts, [ex[partners[i]].completion_ids for i in indices], self.pad_id,
-                                   self.config.max_length).to(device),
-                "labels": torch.tensor([ex[i].label for i in indices], dtype=torch.bool, device=device),
-                "index": torch.tensor(list(indices), dtype=torch.long)}
-
-    def _reference_logps(self, split: Split, epoch: int, batch: dict, prefix: str = "") -> torch.Tensor:
-        """Reference log-probs of the batch's rows (prefix "") or KL rows ("kl_"): cached, or adapters off."""
-        if self.config.precompute_reference:
-            reference, reference_kl = self._reference(split, epoch)
-            return (reference_kl if prefix else reference)[batch["index"].cpu()].to(self.accelerator.device)
-        with self.accelerator.autocast(), reference_mode(self.model):
-            return completion_logps(self.model, batch[prefix + "rows"])
-
-    def _kl_logps(self, split: Split, epoch: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy and reference log-probs of the KL rows, (B,) each: they only feed the detached z0."""
-        with self.accelerator.autocast(), no_grad_policy(self.model):
-            policy_kl_logps = completion_logps(self.model, batch["kl_rows"])
-        return policy_kl_logps, self._reference_logps(split, epoch, batch, "kl_")
-
-    def _forward(self, split: Split, epoch: int, indices: list[int], *, grad: bool, z0: torch.Tensor | None = None):
-        """kto_loss on one micro-batch (z0 from its own KL rows unless given). Returns the loss output,
-        policy log-probs, labels and token count."""
-        cfg, batch = self.config, self._batch(split, epoch, indices)
-        with nullcontext() if grad else torch.no_grad():
-            policy_logps = self.policy(batch["rows"])  # (B,), with grad during training
-        reference_logps = self._reference_logps(split, epoch, batch)
-        if z0 is None and cfg.loss_type == "kto":
-            z0 = z0_estimate(*self._kl_logps(split, epoch, batch))
-        out = kto_loss(policy_logps, reference_logps, batch["labels"], z0=z0, beta=cfg.beta,
-                       desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
-                       loss_type=cfg.loss_type)
-        return out, policy_logps.detach(), batch["labels"], batch["rows"].tokens()
-
-    def _step_z0(self, step: int) -> torch.Tensor:
-        """z0 over all micro-batches of one optimizer step (kl_over_step): a steadier estimate at batch size 1."""
-        gas, pairs = self.config.gradient_accumulation_steps, []
-        for micro in range(gas):
-            epoch, position = divmod(step * gas + micro, self.batches_per_epoch)
-            pairs.append(self._kl_logps(self.train_split, epoch,
-                                        self._batch(self.train_split, epoch, self._epoch_plan(epoch)[position])))
-        return z0_estimate(torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs]))
-
-    # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, step: int, meter: Meter) -> float:
-        """gradient_accumulation_steps micro-batches, then one optimizer step. Returns the grad norm."""
-        gas = self.config.gradient_accumulation_steps
-        if self.config.precompute_reference:  # a new epoch's KL pairing: its reference pass before any activation
-            for micro in range(gas):
-                self._reference(self.train_split, (step * gas + micro) // self.batches_per_epoch)
-        z0 = self._step_z0(step) if self.config.kl_over_step and self.config.loss_type == "kto" else None
-        for micro in range(gas):
-            epoch, position = divmod(step * gas + micro, self.batches_per_epoch)
-            indices = self._epoch_plan(epoch)[position]
-            last = micro == gas - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.policy):  # sync grads once per step
-                out, policy_logps, labels, tokens = self._forward(self.train_split, epoch, indices, grad=True, z0=z0)
-                self.accelerator.backward(out.loss / gas)
-            meter.add(out, policy_logps, labels, tokens)
-        grad_norm = self.accelerator.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """The training metrics on the held-out split (eval mode: no dropout), keys prefixed eval_."""
-        meter = Meter(self.accelerator)
-        self.policy.eval()
-        for indices in self._epoch_plan(0, self.eval_split):
-            out, policy_logps, labels, tokens = self._forward(self.eval_split, 0, indices, grad=False)
-            meter.add(out, policy_logps, labels, tokens)
-        self.policy.train()
-        return {f"eval_{k}": v for k, v in meter.result().items()}
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self, resume_from: Path | None) -> None:
-        cfg, run = self.config, self.run
-        start = 0
-        if resume_from is not None:
-            start = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
-            run.truncate_metrics(after_step=start)
-            self.accelerator.print(f"resuming from {resume_from} at step {start}")
-        if cfg.precompute_reference:  # all reference passes before the first step, none during training
-            self._reference(self.train_split, (start * cfg.gradient_accumulation_steps) // self.batches_per_epoch)
-            if self.eval_split is not None:
-                self._reference(self.eval_split, 0)
-        run.status("running", phase="training", step=start, total_steps=self.total_steps)
-        self.policy.train()
-        bar = tqdm(total=self.total_steps, initial=start, desc="KTO", disable=not self.show_progress)
-        meter, clock = Meter(self.accelerator), time.perf_counter()
-        step = start
-        while step < self.total_steps:
-            grad_norm = self.train_step(step, meter)
-            step += 1
-            meter.grad_norms.append(grad_norm)
-            stop_now = self._stop_requested()
-            evaluate = self.eval_split is not None and (step % cfg.eval_steps == 0 or step == self.total_steps)
-            if step % cfg.logging_steps == 0 or step == self.total_steps or evaluate or stop_now:
-                line = self._log_line(step, meter, time.perf_counter() - clock)
-                if evaluate:
-                    line.update(self.evaluate())
-                run.log(line)
-                run.status("running", phase="training", step=step, total_steps=self.total_steps)
-                bar.set_postfix(loss=f"{line['loss']:.4f}", kl=f"{line['kl']:.3f}")
-                meter, clock = Meter(self.accelerator), time.perf_counter()
-            bar.update(1)
-            if stop_now or (cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps):
-                self._save_checkpoint(step)
-            if stop_now:
-                self._save_final()
-                run.status("stopped", phase="stopped", step=step, message=f"stopped at step {step}; resume "
-                           "with --resume_from_checkpoint true")
-                bar.close()
-                return
-        bar.close()
-        self._save_checkpoint(step)
-        self._save_final()
-        run.status("finished", phase="finished", step=step, message="")
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor(float(self.stop.requested), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "max")) if self.world > 1 else self.stop.requested
-
-    def _log_line(self, step: int, meter: Meter, seconds: float) -> dict:
-        line = {"step": step, "epoch": round(step * self.config.gradient_accumulation_steps / self.batches_per_epoch, 4)}
-        line.update(meter.result())
-        line["learning_rate"] = self.scheduler.get_last_lr()[0]
-        line["grad_norm"] = sum(meter.grad_norms) / max(len(meter.grad_norms), 1)
-        line["tokens_per_second"] = round(meter.tokens / max(seconds, 1e-9), 2)
-        line["peak_memory_mb"] = round(peak_memory_mb(), 1)
-        return line
-
-    def _save_checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        self.run.save_checkpoint(step, self.accelerator.unwrap_model(self.policy).model, self.optimizer,
-                                 self.scheduler, keep=self.config.save_total_limit)
-
-    def _save_final(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.policy).model.save_pretrained(self.run.path)
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"report_to: {report_to} is not installed; `pip install {report_to}`, or report_to: none")
 
 
-class Meter:
-    """Sums over the micro-batches (and processes) of a logging window -> the logged averages."""
+def _tracker_config(config: TrainConfig) -> dict:
+    """Trackers take flat scalars: lists become text."""
+    return {k: (", ".join(v) if isinstance(v, list) else v) for k, v in config.to_dict().items()}
 
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
-        self.sums = torch.zeros(9, dtype=torch.float64)  # see `add` for the slots
-        self.grad_norms: list[float] = []
-        self.tokens = 0  # non-padding tokens of the examples (KL rows not counted)
 
-    def add(self, out, policy_logps, labels, tokens: int) -> None:
-        good, bad = labels.bool(), ~labels.bool()
-        r, lp = out.rewards.double(), policy_logps.double()
-        self.sums += torch.stack([
-            out.losses.detach().double().sum().cpu(), torch.tensor(float(labels.numel())),  # loss, n
-            out.kl.detach().double().cpu(), torch.tensor(1.0),  # kl, micro-batches
-            r[good].sum().cpu(), lp[good].sum().cpu(), good.sum().double().cpu(),  # desirable side
-            r[bad].sum().cpu(), lp[bad].sum().cpu(),  # undesirable side (count = n - n_good)
-        ])
-        self.tokens += tokens
+def summary(output_dir: Path, result: dict) -> str:
+    """A few lines a user can act on: what happened, did it learn, where the adapter is, how to use it."""
+    rows = read_metrics(output_dir)
+    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
 
-    def result(self) -> dict:
-        sums = self.sums
-        if self.accelerator.num_processes > 1:
-            sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
-        loss, n, kl, micro, r_good, lp_good, n_good, r_bad, lp_bad = sums.tolist()
-        n_bad = n - n_good
-        line = {"loss": loss / max(n, 1), "kl": kl / max(micro, 1)}
-        if n_good:
-            line.update({"rewards/chosen": r_good / n_good, "logps/chosen": lp_good / n_good})
-        if n_bad:
-            line.update({"rewards/rejected": r_bad / n_bad, "logps/rejected": lp_bad / n_bad})
-        if n_good and n_bad:
-            line["rewards/margins"] = line["rewards/chosen"] - line["rewards/rejected"]
-        line["count/chosen"], line["count/rejected"] = int(n_good), int(n_bad)
-        return line
+    def mean(part, key):
+        values = [r[key] for r in part if key in r]
+        return sum(values) / len(values) if values else None
+
+    minutes, seconds = divmod(int(result["seconds"]), 60)
+    lines = [f"{result['state']}: {result['step']} of {result['total_steps']} steps in {minutes}m {seconds:02d}s"]
+    for key, name in (("loss", "loss"), ("rewards/margins", "reward margin"), ("eval_rewards/margins", "eval margin")):
+        first, last = mean(head, key), mean(tail, key)
+        if first is not None and last is not None and rows:
+            lines.append(f"  {name:<14} {first:.4f} -> {last:.4f}  (first -> last {len(tail)} logged steps)")
+    lines.append(f"  adapter        {output_dir}")
+    lines.append(f"  chat with it   python -m kto_lite chat --adapter {output_dir}")
+    if result["state"] == "stopped":
+        lines.append(f"  resume         python -m kto_lite train {output_dir / 'config.yaml'} "
+                     f"--resume_from_checkpoint true")
+    return "\n".join(lines)
 
 
 def make_optimizer(model, config: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
-    name = config.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+    name = resolve_optimizer(config.optimizer)
     kw = dict(lr=config.learning_rate, weight_decay=config.weight_decay)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, **kw)
@@ -401,8 +487,9 @@ def make_optimizer(model, config: TrainConfig):
     return cls(params, **kw)
 
 
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by torch; on CPU the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def resolve_optimizer(name: str, device: str | None = None) -> str:
+    """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU."""
+    if name != "auto":
+        return name
+    on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
+    return "paged_adamw_8bit" if on_gpu else "adamw_torch"

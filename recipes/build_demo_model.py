@@ -6,7 +6,7 @@ What it makes (docs/demo_model.md has the measured numbers):
 - a byte-level BPE tokenizer (digits always single tokens) with a chat template whose assistant turn
   ends in <|end|>, the eos token;
 - a 4-layer LlamaForCausalLM trained with next-token loss on the arithmetic task of
-  kto_lite/demo/task.py, where each training answer is right only with probability --p-right and
+  recipes/demo_task.py, where each training answer is right only with probability --p-right and
   otherwise off by 1, 2 or 10. Sampled at temperature 1 it is right about that often, on held-out
   questions as on training ones, while the right answer keeps most of the probability mass: the
   starting point KTO needs to show that binary feedback improves behaviour;
@@ -18,6 +18,7 @@ Deterministic: fixed seeds, one fixed thread count, torch.use_deterministic_algo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -31,7 +32,12 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kto_lite.demo import DEMO_DATA_DIR, DEMO_MODEL_DIR, task  # noqa: E402
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import demo_task as task  # noqa: E402
+
+from kto_lite.demo import DEMO_DATA_DIR, DEMO_MODEL_DIR  # noqa: E402
+from kto_lite.sampling import generate_samples  # noqa: E402
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -211,6 +217,33 @@ def save(model, tokenizer, out_dir: Path) -> float:
     return (out_dir / "model.safetensors").stat().st_size / 1e6
 
 
+def write_sample_files(out_dir: Path, model, tokenizer, *, n_prompts: int = 200, n_per_prompt: int = 2,
+                       seed: int = 0) -> dict[str, Path]:
+    """Sample the model on train prompts, label each sample with the judge, write three files.
+
+    demo_kto.jsonl       {"prompt", "completion", "label"}        one row per sample
+    demo_paired.jsonl    {"prompt", "chosen", "rejected"}          prompts with a right and a wrong sample
+    demo_messages.jsonl  {"messages": [user, assistant], "label"}  the same rows as demo_kto
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = task.make_prompts(n_prompts, seed=seed, split="train")
+    kto_rows, paired_rows, message_rows = [], [], []
+    for k, samples in generate_samples(model, tokenizer, prompts, n=n_per_prompt, seed=seed, **task.SAMPLING):
+        prompt, completions = prompts[k], [s.text for s in samples]
+        labels = [task.judge(prompt, c) for c in completions]
+        for completion, label in zip(completions, labels):
+            kto_rows.append({"prompt": prompt, "completion": completion, "label": label})
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            message_rows.append({"messages": messages, "label": label})
+        if any(labels) and not all(labels):
+            chosen, rejected = completions[labels.index(True)], completions[labels.index(False)]
+            paired_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    paths = {name: out_dir / f"demo_{name}.jsonl" for name in ("kto", "paired", "messages")}
+    for name, rows in (("kto", kto_rows), ("paired", paired_rows), ("messages", message_rows)):
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="where the model and tokenizer go")
@@ -258,7 +291,7 @@ def main(argv=None) -> None:
     greedy = task.accuracy(model, tokenizer, eval_prompts, seed=args.seed, temperature=0)
     rate = 2 * args.eval_prompts / (time.time() - t1)
     if not args.no_samples:
-        paths = task.write_sample_files(args.data_out, model, tokenizer, seed=args.seed)
+        paths = write_sample_files(args.data_out, model, tokenizer, seed=args.seed)
         print("sample files: " + ", ".join(str(p) for p in paths.values()))
 
     print(f"wrote {args.out}  model.safetensors {size_mb:.1f} MB  build {train_s:.0f}s (training + save)")

@@ -2,9 +2,10 @@
 
     python recipes/demo.py            # the full recipe (README has its numbers and time)
     python recipes/demo.py --quick    # a reduced version, a few minutes on a laptop CPU
+    python recipes/demo.py --rounds 2 # two rounds: the second samples and trains from the first's adapter
 
-What a real user does, in four steps:
-1. sample answers from the model for training questions;
+What a real user does, in four steps, each round (kto_lite.loop, what `python -m kto_lite loop` runs):
+1. sample answers from the model for training questions (recipes/demo_task.py);
 2. label each answer good or bad with a judge: binary feedback only, no preference pairs;
 3. train KTO with kto_lite's default settings (the exceptions are listed in `recipe_config`);
 4. sample answers for held-out questions before and after, judge them, compare.
@@ -15,7 +16,6 @@ The last line printed is `accuracy before <x> after <y>` (fractions of held-out 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,35 +23,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "recipes"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import demo_task  # noqa: E402
 import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
 
 from kto_lite.config import TrainConfig  # noqa: E402
-from kto_lite.demo import DEMO_MODEL_DIR, task  # noqa: E402
-from kto_lite.model import load_base, load_tokenizer  # noqa: E402
-from kto_lite.train import train  # noqa: E402
+from kto_lite.demo import DEMO_MODEL_DIR  # noqa: E402
+from kto_lite.loop import LoopArgs, run_loop  # noqa: E402
+from kto_lite.sample import SampleArgs  # noqa: E402
 
 FULL = dict(train_prompts=1500, samples_per_prompt=4, eval_prompts=800, num_epochs=2)
 QUICK = dict(train_prompts=400, samples_per_prompt=4, eval_prompts=400, num_epochs=2)
+REVERSED_JUDGE = f"python:{ROOT / 'recipes' / 'demo_task.py'}:reversed_judge"
 
 
-def recipe_config(data: Path, output_dir: Path, num_epochs: int, seed: int) -> TrainConfig:
-    """kto_lite's defaults, except where this tiny model needs otherwise (each change says why)."""
+def recipe_config(output_dir: Path, num_epochs: int, seed: int) -> TrainConfig:
+    """kto_lite's defaults, except where this tiny model needs otherwise (each change says why).
+
+    beta 0.5 and learning rate 3e-4 come from the demo model's own defaults (kto_lite/demo/__init__.py).
+    """
     return TrainConfig(
         model=str(DEMO_MODEL_DIR),
-        data=str(data),
         output_dir=str(output_dir),
         num_epochs=num_epochs,
-        # A right answer already has log-prob ~ -0.6: its reward can rise by at most ~0.6 nats, while
-        # wrong answers can be pushed down without limit. At beta 0.1 the loss is nearly linear in
-        # the rewards and that unbounded side wins (probability leaks to malformed answers); beta 0.5
-        # saturates the undesirable side sooner.
-        beta=0.5,
-        # A 1M-parameter model with rank-16 adapters moves far less per step than a 7B one: the
-        # default 1e-5 would need hundreds of epochs.
-        learning_rate=3e-4,
         # On a CPU, bitsandbytes' 4-bit kernels and gradient checkpointing halve the speed and save
         # nothing that matters for a 4 MB model (the 4-bit path is tested elsewhere).
         load_in_4bit=False,
@@ -69,53 +65,37 @@ def recipe_config(data: Path, output_dir: Path, num_epochs: int, seed: int) -> T
     )
 
 
-def sample_feedback(model, tokenizer, n_prompts: int, per_prompt: int, seed: int, reverse: bool) -> list[dict]:
-    prompts = task.make_prompts(n_prompts, seed=seed, split="train")
-    samples = task.sample_completions(model, tokenizer, prompts, n_per_prompt=per_prompt, seed=seed)
-    rows = []
-    for prompt, completions in zip(prompts, samples):
-        for completion in completions:
-            label = task.judge(prompt, completion)  # the only signal: good or bad
-            rows.append({"prompt": prompt, "completion": completion, "label": label != reverse})
-    return rows
+def loop_args(train_file: Path, eval_file: Path, sizes: dict, rounds: int, reverse: bool) -> LoopArgs:
+    """Sample the demo model's own distribution (temperature 1, no nucleus cut), judge exactly; the
+    held-out accuracy always uses the true judge, whatever trained the rounds."""
+    sampling = SampleArgs(n=sizes["samples_per_prompt"], judge=REVERSED_JUDGE if reverse else "exact",
+                          **demo_task.SAMPLING)
+    return LoopArgs(rounds, str(train_file), str(eval_file), sampling, eval_n=1, sample_batch_size=64,
+                    eval_judge="exact")
 
 
 def main(argv: list[str] | None = None) -> tuple[float, float]:
-    """Runs the recipe; returns held-out accuracy (before, after)."""
+    """Runs the recipe; returns held-out accuracy (before, after the last round)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes: a few minutes on CPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of sample -> judge -> train")
     parser.add_argument("--reverse-labels", action="store_true", help="flip every label (a sanity check)")
-    parser.add_argument("--output-dir", default="runs/demo", help="a fresh folder for data and adapter")
+    parser.add_argument("--output-dir", default="runs/demo", help="a fresh folder for data and adapters")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
     started = time.perf_counter()
-
-    tokenizer = load_tokenizer(str(DEMO_MODEL_DIR))
-    base = load_base(str(DEMO_MODEL_DIR), load_in_4bit=False)  # as training will load it
-    eval_prompts = task.make_prompts(sizes["eval_prompts"], seed=args.seed + 1, split="eval")
-    before = task.accuracy(base, tokenizer, eval_prompts, seed=args.seed)
-    print(f"held-out accuracy before training: {before:.3f}")
-
-    rows = sample_feedback(base, tokenizer, sizes["train_prompts"], sizes["samples_per_prompt"], args.seed,
-                           args.reverse_labels)
-    del base
-    data = out / "feedback.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    n_good = sum(r["label"] for r in rows)
-    print(f"sampled {len(rows)} answers: {n_good} labelled desirable, {len(rows) - n_good} undesirable")
-
-    adapter = train(recipe_config(data, out / "adapter", sizes["num_epochs"], args.seed))
-
-    tuned = PeftModel.from_pretrained(load_base(str(DEMO_MODEL_DIR), load_in_4bit=False), str(adapter)).eval()
-    after = task.accuracy(tuned, tokenizer, eval_prompts, seed=args.seed)
-    print(f"took {time.perf_counter() - started:.0f} s on {os.cpu_count()} CPU cores"
-          if not torch.cuda.is_available() else f"took {time.perf_counter() - started:.0f} s")
+    train_file = demo_task.write_prompts(out / "train_prompts.jsonl", sizes["train_prompts"], seed=args.seed)
+    eval_file = demo_task.write_prompts(out / "eval_prompts.jsonl", sizes["eval_prompts"], seed=args.seed + 1,
+                                        split="eval")
+    config = recipe_config(out / "loop", sizes["num_epochs"], args.seed)
+    table = run_loop(config, loop_args(train_file, eval_file, sizes, args.rounds, args.reverse_labels))
+    before, after = table[0]["accuracy"], table[-1]["accuracy"]
+    took = time.perf_counter() - started
+    print(f"took {took:.0f} s on {os.cpu_count()} CPU cores" if not torch.cuda.is_available() else f"took {took:.0f} s")
     print(f"accuracy before {before:.3f} after {after:.3f}")
     return before, after
 

@@ -1,14 +1,28 @@
-"""The demo task (judge, prompts), the shipped demo model and the shipped sample files."""
+"""The demo task (recipes/demo_task.py: judge, prompts), the shipped demo model and its sample files."""
 
 import copy
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES, task
+from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
+from kto_lite.judges import make_judge
+from kto_lite.model import keep_4bit_layout_trainable
+from kto_lite.sampling import generate_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import demo_task as task  # noqa: E402
+
+
+def sample_texts(model, tokenizer, prompts, *, n=1, seed=0, batch_size=64):
+    """result[i][j]: prompt i's j-th sample, as the demo samples (temperature 1, no nucleus cut)."""
+    samples = generate_samples(model, tokenizer, prompts, n=n, seed=seed, batch_size=batch_size, **task.SAMPLING)
+    return [[s.text for s in completions] for _, completions in samples]
 
 
 # ---------------------------------------------------------------- judge
@@ -51,6 +65,16 @@ def test_reference_answer_passes_the_judge_and_wrong_answer_does_not():
         wrong = task.wrong_answer(prompt, rng)
         assert not task.judge(prompt, wrong)
         assert int(wrong.split(" = ")[1].rstrip(".")) >= 0
+
+
+def test_prompt_file_with_the_exact_judge_is_the_task_judge(tmp_path):
+    rows = [json.loads(line) for line in task.write_prompts(tmp_path / "p.jsonl", 30, seed=2).read_text().splitlines()]
+    exact, rng = make_judge("exact"), random.Random(1)
+    for row in rows:
+        right, wrong = task.reference_answer(row["prompt"]), task.wrong_answer(row["prompt"], rng)
+        assert exact(row["prompt"], right, row) and task.judge(row["prompt"], right)
+        assert not exact(row["prompt"], wrong, row) and not task.judge(row["prompt"], wrong)
+        assert task.reversed_judge(row["prompt"], wrong) and not task.reversed_judge(row["prompt"], right)
 
 
 def test_parse_prompt_rejects_other_text():
@@ -104,10 +128,10 @@ def test_demo_model_is_small_and_has_a_chat_template(demo):
 def test_sampling_is_deterministic_under_the_seed(demo):
     model, tokenizer = demo
     prompts = task.make_prompts(8, seed=0, split="eval")
-    a = task.sample_completions(model, tokenizer, prompts, n_per_prompt=2, seed=5, batch_size=4)
-    assert a == task.sample_completions(model, tokenizer, prompts, n_per_prompt=2, seed=5, batch_size=4)
+    a = sample_texts(model, tokenizer, prompts, n=2, seed=5, batch_size=4)
+    assert a == sample_texts(model, tokenizer, prompts, n=2, seed=5, batch_size=4)
     assert len(a) == 8 and all(len(s) == 2 for s in a)
-    assert a != task.sample_completions(model, tokenizer, prompts, n_per_prompt=2, seed=6, batch_size=4)
+    assert a != sample_texts(model, tokenizer, prompts, n=2, seed=6, batch_size=4)
 
 
 def test_held_out_sampled_accuracy_is_partial(demo):
@@ -125,12 +149,12 @@ def test_sampling_works_through_peft_and_restores_train_mode(demo):
     from peft import LoraConfig, get_peft_model
 
     prompts = task.make_prompts(8, seed=1, split="eval")
-    expected = task.sample_completions(model, tokenizer, prompts, seed=2)
+    expected = sample_texts(model, tokenizer, prompts, seed=2)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     peft_model = get_peft_model(copy.deepcopy(model), lora)
     peft_model.train()
     # A fresh LoRA adapter is a no-op (B = 0), so the samples must be exactly the base model's.
-    assert task.sample_completions(peft_model, tokenizer, prompts, seed=2) == expected
+    assert sample_texts(peft_model, tokenizer, prompts, seed=2) == expected
     assert peft_model.training
 
 
@@ -142,10 +166,11 @@ def test_demo_model_loads_in_4bit(demo):
     model = AutoModelForCausalLM.from_pretrained(
         DEMO_MODEL_DIR, quantization_config=quantization, local_files_only=True
     )
+    # A model that will train after sampling keeps the trainable 4-bit layout: on AVX512-BF16 CPUs
+    # bitsandbytes would otherwise repack its layers for inference, after which no gradient flows back.
+    keep_4bit_layout_trainable(model)
     prompts = task.make_prompts(32, seed=0, split="eval")
     assert task.accuracy(model, tokenizer, prompts, seed=0, temperature=0) >= 0.8
-    # Sampling must leave the 4-bit layers trainable: on AVX512-BF16 CPUs bitsandbytes would
-    # otherwise repack them for inference, after which no gradient flows back through them.
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(2, 3, layer.in_features, requires_grad=True)
     model.train()

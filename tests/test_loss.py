@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kto_lite.loss import estimate_z0, kto_loss
+from kto_lite.loss import kto_loss, z0_estimate
 
 
 def sigmoid(x):
@@ -45,7 +45,7 @@ def test_loss_matches_formula(beta, wd, wu, loss_type, pattern, shift):
     pol_kl = ref_kl + shift + torch.randn(n, generator=g, dtype=torch.float64) * 0.1
     labels = {"mixed": torch.tensor([1, 0, 1, 1, 0, 0, 1]), "all_desirable": torch.ones(n),
               "all_undesirable": torch.zeros(n)}[pattern].bool()
-    out = kto_loss(pol, ref, pol_kl, ref_kl, labels, beta=beta, desirable_weight=wd, undesirable_weight=wu,
+    out = kto_loss(pol, ref, labels, policy_kl_logps=pol_kl, reference_kl_logps=ref_kl, beta=beta, desirable_weight=wd, undesirable_weight=wu,
                    loss_type=loss_type)
     loss, losses, rewards, z0 = formula(pol.tolist(), ref.tolist(), pol_kl.tolist(), ref_kl.tolist(),
                                         labels.tolist(), beta, wd, wu, loss_type)
@@ -61,8 +61,8 @@ def test_loss_matches_formula(beta, wd, wu, loss_type, pattern, shift):
 def test_worked_example_by_hand():
     # r = [2, -2], z0 = mean([1, 3]) = 2, beta = 0.5:
     # desirable: 1 - sigmoid(0.5 * (2 - 2)) = 0.5; undesirable: 1 - sigmoid(0.5 * (2 + 2)) = 1 - sigmoid(2)
-    out = kto_loss(torch.tensor([-8.0, -12.0]), torch.tensor([-10.0, -10.0]), torch.tensor([-4.0, -2.0]),
-                   torch.tensor([-5.0, -5.0]), torch.tensor([True, False]), beta=0.5)
+    out = kto_loss(torch.tensor([-8.0, -12.0]), torch.tensor([-10.0, -10.0]), torch.tensor([True, False]),
+                   policy_kl_logps=torch.tensor([-4.0, -2.0]), reference_kl_logps=torch.tensor([-5.0, -5.0]), beta=0.5)
     assert out.kl.item() == pytest.approx(2.0)
     assert out.losses.tolist() == pytest.approx([0.5, 1 - 1 / (1 + math.exp(-2))])
     assert out.rewards.tolist() == pytest.approx([1.0, -1.0])
@@ -71,7 +71,8 @@ def test_worked_example_by_hand():
 def test_no_gradient_through_z0():
     pol = torch.tensor([-3.0, -4.0], requires_grad=True)
     pol_kl = torch.tensor([-1.0, -2.0], requires_grad=True)
-    out = kto_loss(pol, torch.tensor([-5.0, -5.0]), pol_kl, torch.tensor([-3.0, -3.0]), torch.tensor([True, False]))
+    out = kto_loss(pol, torch.tensor([-5.0, -5.0]), torch.tensor([True, False]), policy_kl_logps=pol_kl,
+                   reference_kl_logps=torch.tensor([-3.0, -3.0]))
     out.loss.backward()
     assert pol_kl.grad is None  # z0 is detached: KL log-probs get no gradient at all
     assert pol.grad is not None and torch.all(pol.grad != 0)
@@ -80,20 +81,26 @@ def test_no_gradient_through_z0():
 
 
 def test_z0_is_clamped_and_detached():
-    z0 = estimate_z0(torch.tensor([-10.0, -10.0], requires_grad=True), torch.tensor([-1.0, -1.0]))
+    z0 = z0_estimate(torch.tensor([-10.0, -10.0], requires_grad=True), torch.tensor([-1.0, -1.0]))
     assert z0.item() == 0.0 and not z0.requires_grad
 
 
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
-        kto_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1), loss_type="dpo")
+        kto_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), z0=torch.zeros(()), loss_type="dpo")
 
 
 def test_given_z0_replaces_the_kl_rows():
     args = (torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -5.0]))
     labels = torch.tensor([True, False])
-    from_rows = kto_loss(*args, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -3.0]), labels)
-    given = kto_loss(*args, None, None, labels, z0=torch.tensor(1.5))
+    from_rows = kto_loss(*args, labels, policy_kl_logps=torch.tensor([-1.0, -2.0]),
+                         reference_kl_logps=torch.tensor([-3.0, -3.0]))
+    given = kto_loss(*args, labels, z0=torch.tensor(1.5))
     assert from_rows.kl.item() == given.kl.item() == 1.5
     torch.testing.assert_close(from_rows.losses, given.losses)
-    assert kto_loss(*args, None, None, labels, z0=torch.tensor(-2.0)).kl.item() == 0.0  # still clamped
+    assert kto_loss(*args, labels, z0=torch.tensor(-2.0)).kl.item() == 0.0  # still clamped
+
+
+def test_kto_needs_a_reference_point():
+    with pytest.raises(ValueError, match="z0"):
+        kto_loss(torch.zeros(2), torch.zeros(2), torch.ones(2).bool())

@@ -37,7 +37,7 @@ def test_4bit_base_is_quantized_and_lora_only_trains(model_dir):
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     model.train()
-    completion_logps(model, **batch()).sum().backward()
+    completion_logps(model, batch()).sum().backward()
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
     assert set(with_grad) == set(trainable)  # every LoRA weight gets a gradient, nothing else does
 
@@ -60,7 +60,7 @@ def test_4bit_lora_gradients_equal_dequantized_fp32_model(model_dir):
     for base in (m4, m32):
         torch.manual_seed(0)
         model = get_peft_model(base, lora).train()
-        (completion_logps(model, **batch()) * torch.tensor([1.0, -1.0])).sum().backward()
+        (completion_logps(model, batch()) * torch.tensor([1.0, -1.0])).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
@@ -77,10 +77,10 @@ def test_reference_mode_is_the_adapters_off_base(model_dir, load_in_4bit):
     b = batch()
     fresh = load_base(str(model_dir), load_in_4bit=load_in_4bit).eval()
     with torch.no_grad():
-        expected = completion_logps(fresh, **b)
-        policy = completion_logps(model, **b)
+        expected = completion_logps(fresh, b)
+        policy = completion_logps(model, b)
     with reference_mode(model):
-        reference = completion_logps(model, **b)
+        reference = completion_logps(model, b)
         assert not torch.is_grad_enabled() and not model.training
     assert model.training  # restored
     # (a freshly loaded 4-bit base runs bitsandbytes' repacked CPU inference kernel: last-bit differences)
@@ -99,14 +99,14 @@ def test_reference_and_kl_passes_do_not_change_training_gradients(model_dir):
     def grads():
         model.train()
         model.zero_grad()
-        (completion_logps(model, **batch()) * torch.tensor([1.0, -1.0])).sum().backward()
+        (completion_logps(model, batch()) * torch.tensor([1.0, -1.0])).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     before = grads()
     with reference_mode(model):
-        completion_logps(model, **batch())
+        completion_logps(model, batch())
     with no_grad_policy(model):
-        completion_logps(model, **batch())
+        completion_logps(model, batch())
     after = grads()
     for n in before:
         torch.testing.assert_close(after[n], before[n], rtol=1e-5, atol=1e-6)

@@ -13,13 +13,14 @@ from accelerate import Accelerator
 from peft import PeftModel
 from tiny_models import learnable_rows, make_model_dir, write_jsonl
 
-from kto_lite.batching import collate
+from kto_lite.batching import Rows, collate
 from kto_lite.config import ConfigError, TrainConfig
 from kto_lite.data import load_data, tokenize
 from kto_lite.logps import completion_logps
+from kto_lite.metrics import Meter
 from kto_lite.model import load_base, load_tokenizer, reference_mode
 from kto_lite.run_dir import RunDir, prepare_output_dir, read_metrics, read_status
-from kto_lite.train import Meter, Trainer, _StopFlag, resolve_defaults, train
+from kto_lite.train import Recipe, train
 
 CONTRACT_KEYS = {"step", "epoch", "loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
                  "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb"}
@@ -50,6 +51,15 @@ def trained(workdir):
     return out
 
 
+def make_recipe(cfg: TrainConfig) -> Recipe:
+    """A set-up recipe (data, model, reference columns' inputs, optimizer) without running the loop."""
+    cfg = cfg.resolved()
+    prepare_output_dir(cfg)
+    recipe = Recipe(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), show_progress=False)
+    recipe.setup()
+    return recipe
+
+
 def heldout_logps(model_dir, adapter_dir, workdir):
     """Policy and reference log-probs of desirable and undesirable answers on held-out prompts."""
     tokenizer = load_tokenizer(str(model_dir))
@@ -58,12 +68,12 @@ def heldout_logps(model_dir, adapter_dir, workdir):
     model = PeftModel.from_pretrained(load_base(str(model_dir)), str(adapter_dir)).eval()
     b = collate([e.prompt_ids for e in tok], [e.completion_ids for e in tok], tokenizer.pad_token_id)
     with torch.no_grad():
-        policy = completion_logps(model, **b)
+        policy = completion_logps(model, b)
     with reference_mode(model):
-        reference = completion_logps(model, **b)
+        reference = completion_logps(model, b)
     fresh = load_base(str(model_dir)).eval()
     with torch.no_grad():
-        base = completion_logps(fresh, **b)
+        base = completion_logps(fresh, b)
     return policy, reference, base, torch.tensor([e.label for e in tok])
 
 
@@ -101,20 +111,17 @@ def test_training_learns_on_heldout_prompts_and_reference_is_untouched(trained, 
 
 
 def test_gradients_reach_only_lora_and_the_base_never_changes(workdir):
-    cfg = resolve_defaults(config(workdir, "grads", max_steps=2))
-    prepare_output_dir(cfg)
-    accelerator = Accelerator()
-    trainer = Trainer(cfg, accelerator, RunDir(cfg.output_dir), _StopFlag(), show_progress=False)
+    trainer = make_recipe(config(workdir, "grads", max_steps=2))
     lora = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    out, *_ = trainer._forward(trainer.train_split, 0, trainer._epoch_plan(0)[0], grad=True)
-    accelerator.backward(out.loss)
+    out, _ = trainer.loss(trainer.micro_batch(trainer.train_split, 0, trainer.steps[0][0][1]), None)
+    trainer.accelerator.backward(out.loss)
     # snapshot after the first forward: bitsandbytes repacks 4-bit weights for the CPU kernel on first use
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert lora and all("lora_" in n for n in lora) and all("lora_" not in n for n in frozen)
     assert {n for n, p in trainer.model.named_parameters() if p.grad is not None} == lora
     trainer.optimizer.zero_grad()
-    for step in range(2):
-        trainer.train_step(step, Meter(accelerator))
+    for step in trainer.steps:
+        assert trainer.train_step([trainer.micro_batch(trainer.train_split, e, i) for e, i in step], Meter())
     for n, p in trainer.model.named_parameters():
         if n in frozen:
             assert torch.equal(p.detach(), frozen[n]), n
@@ -124,10 +131,8 @@ def test_auto_weights_follow_the_paper_rule(workdir):
     rows = learnable_rows(40, seed=4)
     rows = [r for i, r in enumerate(rows) if r["label"] or i % 4 == 1]  # 20 desirable : 10 undesirable
     write_jsonl(workdir / "imbalanced.jsonl", rows)
-    cfg = resolve_defaults(config(workdir, "auto", data=str(workdir / "imbalanced.jsonl"),
-                                  desirable_weight="auto", undesirable_weight="auto", max_steps=1))
-    prepare_output_dir(cfg)
-    Trainer(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), _StopFlag(), show_progress=False)
+    cfg = make_recipe(config(workdir, "auto", data=str(workdir / "imbalanced.jsonl"),
+                             desirable_weight="auto", undesirable_weight="auto", max_steps=1)).config
     ratio = cfg.desirable_weight * 20 / (cfg.undesirable_weight * 10)
     assert 1 <= ratio <= 4 / 3 + 1e-9 and max(cfg.desirable_weight, cfg.undesirable_weight) == 1.0
     saved = TrainConfig.load(workdir / "auto" / "config.yaml")
@@ -164,7 +169,7 @@ def test_stop_then_resume_matches_uninterrupted(workdir, monkeypatch):
         return calls["n"] == 3
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_stop_requested", stop_after_three)
+        m.setattr(Recipe, "_stop_requested", stop_after_three)
         stopped = train(config(workdir, "resumed", max_steps=6, save_steps=3), show_progress=False)
     assert read_status(stopped)["status"] == "stopped" and (stopped / "adapter_model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3]
@@ -200,13 +205,199 @@ def test_sigint_stops_gracefully(workdir):
 
 
 def test_two_process_cpu_run(workdir):
-    """torchrun --nproc_per_node 2 (gloo): z0 and metrics are reduced across the processes."""
+    """torchrun --nproc_per_node 2 (gloo): z0 and metrics are reduced across the processes; only the
+    main process decides what happens to an existing output_dir."""
+    from kto_lite.batching import epoch_batches
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    (workdir / "ddp").mkdir()
+    (workdir / "ddp" / "status.json").write_text(json.dumps({"status": "finished", "pid": 1}))
+    (workdir / "ddp" / "adapter_model.safetensors").write_text("an earlier run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           *_cli(workdir, "ddp", "--max_steps", "3", "--gradient_accumulation_steps", "2")[1:]]
+           *_cli(workdir, "ddp", "--max_steps", "3", "--gradient_accumulation_steps", "2",
+                 "--overwrite_output_dir", "true")[1:]]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert read_status(workdir / "ddp")["status"] == "finished"
+    status = read_status(workdir / "ddp")
+    assert status["status"] == "finished"
+    assert len(list(workdir.glob("ddp.old-*"))) == 1  # moved aside once, by the main process
     rows = read_metrics(workdir / "ddp")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["count/chosen"] + rows[0]["count/rejected"] == 2 * 2 * 4  # both processes counted
+    # tokens (and tokens_per_second) count both processes' examples: recompute the plan here
+    tokenizer = load_tokenizer(str(workdir / "model"))
+    examples = tokenize(load_data(workdir / "train.jsonl")[0], tokenizer, max_length=64, max_prompt_length=32)
+    lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
+    batches = epoch_batches(lengths, [e.label for e in examples], 4, seed=42, epoch=0)
+    per_process = len(batches) // 2
+    expected = sum(lengths[i] for rank in (0, 1) for b in batches[rank::2][:per_process][:6] for i in b)
+    assert status["timing"]["tokens"] == expected
+
+
+# ---------------------------------------------------------------------- issue 11: defects found in review
+def count_reference_passes(monkeypatch):
+    """Patch the reference pass to count its calls (examples and KL rows, per split and epoch)."""
+    import kto_lite.train as train_module
+
+    calls = []
+    real = train_module.cached_reference_logps
+
+    def counting(model, sequences, **kw):
+        calls.append(kw["desc"])
+        return real(model, sequences, **kw)
+
+    monkeypatch.setattr(train_module, "cached_reference_logps", counting)
+    return calls
+
+
+def test_one_epoch_never_draws_a_second_epoch(workdir, monkeypatch):
+    """96 examples / batch 4 = 24 micro-batches; accumulation 5 does not divide it. The old plan,
+    ceil(epochs * batches / gas) = 5 steps of 5, drew one micro-batch of epoch 2 and a whole second KL
+    reference pass."""
+    calls = count_reference_passes(monkeypatch)
+    out = train(config(workdir, "one_epoch", num_epochs=1, gradient_accumulation_steps=5), show_progress=False)
+    assert calls == ["reference log-probs", "reference KL log-probs, epoch 1"]
+    rows = read_metrics(out)
+    assert len(rows) == 5 and rows[-1]["epoch"] == 1.0
+    assert sum(r["count/chosen"] + r["count/rejected"] for r in rows) == 96  # each example once
+
+
+def test_apo_zero_unpaired_computes_no_kl_rows(workdir, monkeypatch):
+    calls = count_reference_passes(monkeypatch)
+    out = train(config(workdir, "apo", loss_type="apo_zero_unpaired", max_steps=2), show_progress=False)
+    assert calls == ["reference log-probs"]
+    assert all(r["kl"] == 0.0 for r in read_metrics(out))
+
+
+def test_eval_fraction_holds_out_whole_prompts(workdir):
+    """Paired data: the chosen and the rejected answer of one prompt must land on the same side."""
+    pairs = [{"prompt": f"what is the {c} {t} ?", "chosen": "yes good answer .", "rejected": f"no bad answer . {c}"}
+             for c in ("red", "blue", "green", "big", "small") for t in ("cat", "dog", "bird", "fish")]
+    write_jsonl(workdir / "pairs.jsonl", pairs)
+    recipe = make_recipe(config(workdir, "fraction", data=str(workdir / "pairs.jsonl"), eval_fraction=0.25,
+                                max_steps=1))
+    def prompts(split):
+        return {tuple(e.prompt_ids) for e in split.examples}
+
+    assert prompts(recipe.train_split).isdisjoint(prompts(recipe.eval_split))
+    assert len(recipe.eval_split.examples) == 2 * 5  # 5 of the 20 prompts, both answers each
+
+
+def test_a_run_that_failed_early_is_simply_replaced(workdir):
+    (workdir / "broken.jsonl").write_text('{"prompt": "a", "completion": "b", "label": "maybe"}\n')
+    with pytest.raises(Exception, match="unknown label"):
+        train(config(workdir, "early_fail", data=str(workdir / "broken.jsonl"), max_steps=1), show_progress=False)
+    assert read_status(workdir / "early_fail")["status"] == "failed"
+    out = train(config(workdir, "early_fail", max_steps=1), show_progress=False)  # no "already holds a failed run"
+    assert read_status(out)["status"] == "finished"
+    assert not list(workdir.glob("early_fail.old-*"))
+
+
+def test_constant_schedule_honours_warmup(workdir):
+    recipe = make_recipe(config(workdir, "constant_warmup", lr_scheduler_type="constant", warmup_ratio=0.5,
+                                max_steps=4, learning_rate=1e-3))
+    assert recipe.scheduler.get_last_lr()[0] == 0.0  # warming up from 0, not constant from step 1
+    recipe = make_recipe(config(workdir, "constant", lr_scheduler_type="constant", warmup_ratio=None,
+                                max_steps=4, learning_rate=1e-3))
+    assert recipe.config.warmup_ratio == 0.0 and recipe.scheduler.get_last_lr()[0] == 1e-3
+
+
+def test_resume_refuses_a_different_config(workdir, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(Recipe, "_stop_requested", lambda self: True)
+        train(config(workdir, "resume_check", max_steps=4), show_progress=False)
+    with pytest.raises(ConfigError, match=r"beta \(checkpoint: 0.1, now: 0.3\)"):
+        train(config(workdir, "resume_check", max_steps=4, beta=0.3, resume_from_checkpoint=True),
+              show_progress=False)
+    train(config(workdir, "resume_check", max_steps=4, logging_steps=2, resume_from_checkpoint=True),
+          show_progress=False)  # logging is not part of the computation: allowed
+    assert read_status(workdir / "resume_check")["status"] == "finished"
+
+
+def test_max_length_alone_trains(workdir):
+    out = train(config(workdir, "max_length_only", max_length=48, max_prompt_length=None, max_steps=1),
+                show_progress=False)
+    saved = TrainConfig.load(out / "config.yaml")
+    assert (saved.max_length, saved.max_prompt_length) == (48, 24)
+
+
+# ---------------------------------------------------------------------- issue 10: the NaN guard
+def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, monkeypatch):
+    import kto_lite.train as train_module
+
+    real = train_module.kto_loss
+    bad_steps = {2}
+    state = {"calls": 0, "step": 0}
+
+    def poisoned(*args, **kw):
+        out = real(*args, **kw)
+        return out._replace(loss=out.loss * float("nan")) if state["step"] in bad_steps else out
+
+    real_step = Recipe.train_step
+
+    def counting_step(self, micro_batches, meter):
+        state["step"] += 1
+        return real_step(self, micro_batches, meter)
+
+    monkeypatch.setattr(train_module, "kto_loss", poisoned)
+    monkeypatch.setattr(Recipe, "train_step", counting_step)
+    out = train(config(workdir, "one_nan", max_steps=4), show_progress=False)
+    rows = read_metrics(out)
+    assert read_status(out)["status"] == "finished" and rows[1].get("skipped_steps") == 1
+    assert "grad_norm" not in rows[1] and all(v == v for r in rows for v in r.values() if isinstance(v, float))
+    assert rows[1]["learning_rate"] == rows[0]["learning_rate"]  # the schedule did not advance either
+
+    state["step"] = 0
+    bad_steps.update(range(1, 100))
+    with pytest.raises(FloatingPointError, match="not finite for 5 steps in a row"):
+        train(config(workdir, "all_nan", max_steps=20), show_progress=False)
+    status = read_status(workdir / "all_nan")
+    assert status["status"] == "failed" and "Lower learning_rate" in status["message"]
+
+
+# ---------------------------------------------------------------------- issue 12: rounds (init_adapter, reference)
+def direct_logps(workdir, adapter_dir, rows: Rows):
+    """log-probs of `rows` under a freshly loaded base, and under base + the adapter at `adapter_dir`."""
+    base = load_base(str(workdir / "model"))
+    base.eval()
+    with torch.no_grad():
+        plain = completion_logps(base, rows)
+        tuned = completion_logps(PeftModel.from_pretrained(base, str(adapter_dir)).eval(), rows)
+    return plain, tuned
+
+
+@pytest.mark.parametrize("reference", ["base", "init_adapter"])
+def test_init_adapter_continues_from_the_previous_round(trained, workdir, reference):
+    recipe = make_recipe(config(workdir, f"round2-{reference}", init_adapter=str(trained), reference=reference,
+                                max_steps=3, lora_r=16, lora_alpha=None))
+    assert recipe.config.lora_r == 8 and recipe.config.lora_alpha == 16  # the adapter's own shape, not the flags
+    recipe.compute_reference_columns(recipe.train_split)
+    mb = recipe.micro_batch(recipe.train_split, 0, recipe.steps[0][0][1])
+    plain, previous = direct_logps(workdir, trained, mb.rows)
+    recipe.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logps(recipe.model, mb.rows), previous, rtol=1e-4, atol=1e-4)
+    # the reference column is the base (adapters off) or the frozen previous adapter
+    torch.testing.assert_close(mb.reference_logps, plain if reference == "base" else previous, rtol=1e-4, atol=1e-4)
+    out, _ = recipe.loss(mb, None)
+    beta = recipe.config.beta
+    torch.testing.assert_close(out.rewards, beta * (previous - (plain if reference == "base" else previous)),
+                               rtol=1e-3, atol=1e-4)
+    # training moves the policy; the reference stays what it was (computed on the fly here)
+    for step in recipe.steps:
+        recipe.train_step([recipe.micro_batch(recipe.train_split, e, i) for e, i in step], Meter())
+    with reference_mode(recipe.model):
+        still = completion_logps(recipe.model, mb.rows)
+    torch.testing.assert_close(still, plain if reference == "base" else previous, rtol=1e-4, atol=1e-4)
+    recipe.model.eval()
+    with torch.no_grad():
+        assert (completion_logps(recipe.model, mb.rows) - previous).abs().max() > 1e-3
+    assert {n for n, p in recipe.model.named_parameters() if p.requires_grad} == {
+        n for n, _ in recipe.model.named_parameters() if "lora_" in n and ".default." in n}
+
+
+def test_init_adapter_shape_conflicts_are_refused(trained, workdir):
+    with pytest.raises(ConfigError, match="lora_r: 32 differs from init_adapter's 8"):
+        config(workdir, "conflict", init_adapter=str(trained), lora_r=32).resolved()
+    with pytest.raises(ConfigError, match="holds no adapter"):
+        config(workdir, "conflict", init_adapter=str(workdir)).resolved()

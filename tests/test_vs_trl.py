@@ -73,10 +73,10 @@ def kto_lite_loss(model, prompts, completions, kl_completions, labels, pad_token
     kl = collate(prompts, kl_completions, pad_token_id, MAX_LENGTH)
     model.eval()
     with torch.no_grad():
-        policy, policy_kl = completion_logps(model, **main), completion_logps(model, **kl)
+        policy, policy_kl = completion_logps(model, main), completion_logps(model, kl)
     with reference_mode(model):
-        reference, reference_kl = completion_logps(model, **main), completion_logps(model, **kl)
-    out = kto_loss(policy, reference, policy_kl, reference_kl, labels, beta=BETA, desirable_weight=DESIRABLE_WEIGHT,
+        reference, reference_kl = completion_logps(model, main), completion_logps(model, kl)
+    out = kto_loss(policy, reference, labels, policy_kl_logps=policy_kl, reference_kl_logps=reference_kl, beta=BETA, desirable_weight=DESIRABLE_WEIGHT,
                    undesirable_weight=UNDESIRABLE_WEIGHT, loss_type=loss_type)
     return out, policy, (policy_kl - reference_kl).mean()
 

@@ -1,0 +1,295 @@
+"""python -m kto_lite loop: rounds of sample -> judge -> train -> evaluate, one run folder per round.
+
+    python -m kto_lite loop CONFIG.yaml --rounds 3 --prompts TRAIN.jsonl --eval_prompts HELDOUT.jsonl
+                            --judge SPEC [--n 4] [--eval_n 4] [--FIELD VALUE ...]
+
+Round r (1, 2, ...):
+1. sample --n answers to every training prompt with the current policy: round 1 the base (or the
+   config's init_adapter), round r the adapter of round r-1; the seed is `seed + r`, so each round
+   draws fresh samples;
+2. judge them into KTO rows (label = the judge's verdict);
+3. train round r from the previous round's adapter (config field init_adapter; `reference` says
+   whether KL is measured against the base or against that adapter, docs/loop.md);
+4. evaluate the new adapter on the held-out prompts (seed `seed`, the same for every round and for
+   the base, so the rounds are compared on common random numbers).
+
+<output_dir>/round-r/ is a normal run folder (adapter, metrics.jsonl, config.yaml, status.json) that
+also holds samples.jsonl (the round's training data), eval_samples.jsonl and round.json (its line of the
+table). <output_dir>/loop.json records the arguments; rerunning the same command continues where it
+stopped (finished rounds are kept, a round's sampling and training resume), and `--rounds` may grow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import cli
+from .config import TrainConfig
+from .evaluate import INTERVAL, evaluate_one
+from .judges import Judge
+from .run_dir import checkpoints, read_status
+from .sample import (
+    SampleArgs,
+    add_judge_flags,
+    add_sampling_flags,
+    build_judge,
+    sample_args,
+    sample_to_file,
+    side_files,
+    summarize,
+)
+from .sampling import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
+
+
+class LoopStopped(RuntimeError):
+    """Training of a round stopped before it finished (Ctrl-C, SIGTERM): rerun to continue."""
+
+
+@dataclass
+class LoopArgs:
+    rounds: int
+    prompts: str
+    eval_prompts: str
+    sampling: SampleArgs  # judge, n, temperature, ... (seed: set per round from the config's seed)
+    eval_n: int
+    sample_batch_size: int = 32
+    eval_judge: str | None = None  # None: the sampling judge
+
+
+def round_dir(config: TrainConfig, r: int) -> Path:
+    return Path(config.output_dir) / f"round-{r}"
+
+
+def run_loop(config: TrainConfig, args: LoopArgs, *, show_progress: bool = True, echo=print) -> list[dict]:
+    """Run (or continue) the rounds; `echo` gets one line per round. Returns the rows of the table."""
+    train_prompts, eval_prompts = read_prompts(args.prompts), read_prompts(args.eval_prompts)
+    build_judge(args.sampling, train_prompts)  # refuse a bad spec or a missing reference column now
+    judge = build_judge(_eval_args(config, args), eval_prompts)
+    _check_loop_folder(config, args, train_prompts, eval_prompts)
+    state = _Models(config)
+    table = [_base_row(config, args, state, eval_prompts, judge, show_progress)]
+    echo(format_row(table[0]))
+    for r in range(1, args.rounds + 1):
+        table.append(_round(config, args, r, state, train_prompts, eval_prompts, judge, show_progress))
+        echo(format_row(table[-1]))
+    state.free()
+    (Path(config.output_dir) / "rounds.json").write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+# --------------------------------------------------------------------------- one round
+
+
+def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_prompts: Prompts,
+           eval_prompts: Prompts, judge: Judge, show_progress: bool) -> dict:
+    folder = round_dir(config, r)
+    record_path = folder / "round.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    previous = str(round_dir(config, r - 1)) if r > 1 else config.init_adapter
+    staging = Path(config.output_dir) / f".round-{r}-samples"
+    seconds: dict[str, float] = {}
+    if not _trained(folder):
+        start = time.perf_counter()
+        loaded = state.get(previous)
+        sampling = dataclasses.replace(args.sampling, seed=config.seed + r)
+        sample_to_file(loaded, previous, train_prompts, staging / "samples.jsonl",
+                       sampling, batch_size=args.sample_batch_size, show_progress=show_progress)
+        seconds["sample"] = time.perf_counter() - start
+        state.free()  # training loads its own copy of the base
+        start = time.perf_counter()
+        _train_round(config, folder, staging / "samples.jsonl", previous, show_progress)
+        seconds["train"] = time.perf_counter() - start
+        _move_samples(staging, folder)
+    start = time.perf_counter()
+    loaded = state.get(str(folder))
+    result, rows = evaluate_one(loaded, str(folder), eval_prompts, judge,
+                                _eval_args(config, args), batch_size=args.sample_batch_size,
+                                show_progress=show_progress)
+    _write_jsonl(folder / "eval_samples.jsonl", rows)
+    seconds["evaluate"] = time.perf_counter() - start
+    summary = summarize(folder / "samples.jsonl")
+    record = {"round": r, "adapter": str(folder), "init_adapter": previous, "reference": _reference(config, previous),
+              **_result_fields(result), "samples": summary["samples"], "desirable": summary["desirable"],
+              "desirable_share": summary["desirable_share"], "judge_failures_in_samples": len(summary["failures"]),
+              "seconds": seconds}
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _base_row(config: TrainConfig, args: LoopArgs, state: _Models, eval_prompts: Prompts, judge: Judge,
+              show_progress: bool) -> dict:
+    """Round 0: the starting policy (the base, or the config's init_adapter) on the held-out prompts."""
+    path = Path(config.output_dir) / "round-0.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    loaded = state.get(config.init_adapter)
+    result, rows = evaluate_one(loaded, config.init_adapter, eval_prompts, judge, _eval_args(config, args),
+                                batch_size=args.sample_batch_size, show_progress=show_progress)
+    _write_jsonl(Path(config.output_dir) / "round-0.eval_samples.jsonl", rows)
+    record = {"round": 0, "adapter": config.init_adapter, **_result_fields(result),
+              "seconds": {"evaluate": time.perf_counter() - start}}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str | None, show_progress: bool):
+    from .train import train
+
+    resume = folder.exists() and bool(checkpoints(folder))
+    round_config = dataclasses.replace(
+        config, data=str(samples), output_dir=str(folder), init_adapter=previous,
+        reference=_reference(config, previous), resume_from_checkpoint=resume,
+        overwrite_output_dir=folder.exists() and not resume)  # a round that failed before its first checkpoint
+    train(round_config, show_progress=show_progress)
+    status = read_status(folder) or {}
+    if status.get("status") != "finished":
+        raise LoopStopped(f"training of {folder.name} {status.get('status', 'stopped')} at step "
+                          f"{status.get('step', '?')}; rerun the same command to continue")
+
+
+def _reference(config: TrainConfig, previous: str | None) -> str:
+    return config.reference if previous else "base"  # round 1 from the base has no adapter to refer to
+
+
+def _trained(folder: Path) -> bool:
+    return (read_status(folder) or {}).get("status") == "finished" and (folder / "samples.jsonl").is_file()
+
+
+def _move_samples(staging: Path, folder: Path) -> None:
+    """The round's samples join its run folder; config.yaml's `data` follows them."""
+    for path in (staging / "samples.jsonl", *side_files(staging / "samples.jsonl")):
+        if path.exists():
+            shutil.move(str(path), str(folder / path.name))
+    shutil.rmtree(staging, ignore_errors=True)
+    config_file = folder / "config.yaml"
+    if config_file.is_file():
+        values = yaml.safe_load(config_file.read_text())
+        values["data"] = str(folder / "samples.jsonl")
+        config_file.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def _eval_args(config: TrainConfig, args: LoopArgs) -> SampleArgs:
+    return dataclasses.replace(args.sampling, n=args.eval_n, seed=config.seed,
+                               judge=args.eval_judge or args.sampling.judge)
+
+
+def _result_fields(result) -> dict:
+    return {"accuracy": result.accuracy, "low": result.low, "high": result.high, "judged": result.judged,
+            "eval_judge_failures": result.judge_failures}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def format_row(row: dict) -> str:
+    name = "round 0 (start)" if row["round"] == 0 else f"round {row['round']}"
+    accuracy = "accuracy -" if row["accuracy"] is None else \
+        f"accuracy {row['accuracy']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
+    share = ""
+    if row["round"] > 0:
+        share = "desirable share -" if row["desirable_share"] is None else \
+            f"desirable share {row['desirable_share']:.3f} of {row['samples']} samples"
+    seconds = sum(row["seconds"].values())
+    return f"{name:<16} {accuracy:<34} {share:<42} {seconds:7.0f} s"
+
+
+# --------------------------------------------------------------------------- models and folders
+
+
+class _Models:
+    """At most one loaded base (with the adapters it needs) at a time; freed before training."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.loaded: Loaded | None = None
+        self.adapters: tuple[str, ...] = ()
+
+    def get(self, adapter: str | None) -> Loaded:
+        if self.loaded is not None and (adapter is None or adapter in self.adapters):
+            return self.loaded
+        self.free()
+        self.adapters = (adapter,) if adapter else ()
+        c = self.config  # loaded and encoded as training loads and encodes
+        spec = model_spec(c.model, list(self.adapters), **{name: getattr(c, name) for name in LOAD_OPTIONS})
+        spec.use_chat_template = c.use_chat_template
+        self.loaded = load_models(spec)
+        return self.loaded
+
+    def free(self) -> None:
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _check_loop_folder(config: TrainConfig, args: LoopArgs, train_prompts: Prompts, eval_prompts: Prompts):
+    """A new folder gets loop.json; an old one must hold a loop with the same arguments (except rounds)."""
+    out = Path(config.output_dir)
+    meta = {"config": {k: v for k, v in config.to_dict().items() if k not in ("resume_from_checkpoint",
+                                                                           "overwrite_output_dir")},
+            "prompts_sha256": train_prompts.fingerprint(), "eval_prompts_sha256": eval_prompts.fingerprint(),
+            "sampling": asdict(args.sampling), "eval_n": args.eval_n, "eval_judge": args.eval_judge}
+    path = out / "loop.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(meta) | set(old) if old.get(k) != meta.get(k))
+        if changed:
+            raise cli.UsageError(f"{out} holds a loop run with other settings ({', '.join(changed)} differ); "
+                                 "rerun with the same ones to continue, or choose another --output_dir")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise cli.UsageError(f"output_dir {out} is not empty and holds no loop (no loop.json); choose another "
+                             "--output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str]) -> int:
+    parser = cli.Parser("loop", __doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="a training config (YAML); `data` is made by each round")
+    parser.add_flag("rounds", type=int, required=True, help="number of rounds (a finished loop can be extended)")
+    parser.add_flag("prompts", required=True, help="training prompts (with reference answers for the judge)")
+    parser.add_flag("eval_prompts", required=True, help="held-out prompts for the accuracy of each round")
+    add_sampling_flags(parser, seed=False)
+    parser.add_flag("eval_n", type=int, help="samples per held-out prompt (default: --n)")
+    parser.add_flag("sample_batch_size", type=int, default=32, help="sequences generated together (default 32)")
+    add_judge_flags(parser, required=True)
+    parser.add_flag("eval_judge", metavar="SPEC", help="the judge of the held-out accuracy (default: --judge)")
+    parser.add_config_fields(exclude=("data",))
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        config = TrainConfig.load(args.config, cli.config_overrides(args))
+        if config.data:
+            raise cli.UsageError(f"{args.config}: `data` is made by the loop (each round's samples); remove it")
+        if args.rounds < 1 or (args.eval_n is not None and args.eval_n < 1) or args.sample_batch_size < 1:
+            raise cli.UsageError("--rounds, --eval_n and --sample_batch_size must be at least 1")
+        args.seed = config.seed
+        loop_args = LoopArgs(args.rounds, args.prompts, args.eval_prompts, sample_args(args),
+                             args.eval_n or args.n, args.sample_batch_size, args.eval_judge)
+        print(f"interval: {INTERVAL}")
+        try:
+            run_loop(config, loop_args)
+        except LoopStopped as e:
+            print(f"stopped: {e}")
+            return 130
+        print(f"rounds in {config.output_dir}/round-*/ (chat: python -m kto_lite chat --adapter "
+              f"{round_dir(config, args.rounds)})")
+        return 0
+
+    return cli.run(body)
