@@ -31,6 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from . import cli
 from .data import encode_prompt
 from .model import load_adapter, load_base, load_tokenizer, resolve_model
+from .sampling import generate_samples, stop_token_ids
 
 FEEDBACK_FILE = "feedback.jsonl"  # the app's feedback dataset, inside a run folder
 
@@ -114,19 +115,19 @@ class ChatModel:
     # ---- prompt
     def prompt_ids(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
         """Token ids of the conversation, ending where the assistant's reply begins."""
+        prompt, use_chat_template = self._prompt(messages, system_prompt)
+        return encode_prompt(prompt, self.tokenizer, use_chat_template=use_chat_template)
+
+    def _prompt(self, messages: list[dict], system_prompt: str | None) -> tuple[str | list[dict], bool | None]:
+        """(the prompt as `encode_prompt` takes it, use_chat_template): the messages through the chat
+        template, or as plain text for a tokenizer without one (or a run trained without it)."""
         messages = normalize_messages(messages)
         if system_prompt:
             messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if has_template and self.use_chat_template is not False:
-            return encode_prompt(messages, self.tokenizer)
-        return encode_prompt(plain_prompt(messages), self.tokenizer, use_chat_template=False)
-
-    def _stop_token_ids(self) -> list[int]:
-        """EOS of the tokenizer and of the model's generation config (instruct models list end-of-turn there)."""
-        ids = self.base.generation_config.eos_token_id
-        ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-        return sorted({i for i in ids + [self.tokenizer.eos_token_id] if i is not None})
+            return messages, None
+        return plain_prompt(messages), False
 
     # ---- generation
     def stream(self, messages: list[dict], *, use_adapter: bool = True, max_new_tokens: int = 256,
@@ -153,7 +154,7 @@ class ChatModel:
                     out = self.model.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                         streamer=streamer, stopping_criteria=StoppingCriteriaList([stop_on]),
-                        eos_token_id=self._stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                        eos_token_id=stop_token_ids(self.base, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id, **sampling,
                     )
                     self.last_stats = {"new_tokens": out.shape[1] - ids.shape[1],
                                        "seconds": time.perf_counter() - start,
@@ -178,31 +179,25 @@ class ChatModel:
             raise errors[0]
 
     def sample(self, messages: list[dict], n: int = 1, *, use_adapter: bool = True, max_new_tokens: int = 256,
-               temperature: float = 0.7, top_p: float = 0.9, system_prompt: str | None = None,
-               seed: int | None = None) -> list[str]:
-        """`n` independent replies to one conversation, generated as one batch of n sequences.
+               temperature: float = 0.7, top_p: float = 1.0, system_prompt: str | None = None, seed: int = 0,
+               index: int = 0) -> list[str]:
+        """`n` independent replies to one conversation, in one batch (`kto_lite.sampling.generate_samples`).
 
-        The prompt ids are `prompt_ids` (the chat template training uses). temperature 0 is greedy:
-        every reply would be the same, so it needs n = 1. A seed makes the n replies reproducible.
+        Reply j draws from its own generator seeded from (seed, index, j), so the replies are those
+        `python -m kto_lite sample --seed SEED` gives for a prompt at position `index` of its file.
+        temperature 0 is greedy: every reply would be the same, so it needs n = 1.
         """
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
         if temperature <= 0 and n > 1:
             raise ValueError("temperature 0 is greedy decoding: all n replies would be the same; use n = 1")
-        ids = torch.tensor([self.prompt_ids(messages, system_prompt)], device=self.base.device)  # (1, T)
-        with self._lock, self._adapters(use_adapter), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
+        prompt, use_chat_template = self._prompt(messages, system_prompt)
+        with self._lock, self._adapters(use_adapter):
             start = time.perf_counter()
-            out = self.model.generate(  # (n, T + new): the prompt repeated n times, then each reply
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                num_return_sequences=n, eos_token_id=self._stop_token_ids(),
-                pad_token_id=self.tokenizer.pad_token_id, **_sampling(temperature, top_p),
-            )
-        self.last_stats = {"new_tokens": out.shape[1] - ids.shape[1], "seconds": time.perf_counter() - start,
-                           "stopped": False}
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        return [text.lstrip() for text in texts]  # as `stream` shows them
+            (_, samples), = generate_samples(
+                self.model, self.tokenizer, [prompt], n=int(n), temperature=float(temperature), top_p=float(top_p),
+                max_new_tokens=int(max_new_tokens), seed=seed, batch_size=n, indices=[index],
+                use_chat_template=use_chat_template)
+        self.last_stats = {"seconds": time.perf_counter() - start, "stopped": False}
+        return [sample.text.lstrip() for sample in samples]  # as `stream` shows them
 
     def generate(self, messages: list[dict], **kwargs) -> str:
         """The whole reply (the last text `stream` yields)."""

@@ -141,6 +141,20 @@ def test_base_model_without_adapter_or_chat_template(tmp_path):
     assert chat.generate(QUESTION, use_adapter=False, **GREEDY) == chat.generate(QUESTION, **GREEDY)
 
 
+def test_sample_gives_the_replies_of_the_sample_command(chat, run, tmp_path):
+    from kto_lite.sample import main as sample_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "how is the dog ?"}) + "\n" + json.dumps({"prompt": QUESTION}) + "\n")
+    out = tmp_path / "samples.jsonl"
+    args = ["--adapter", str(run), "--load_in_4bit", "false", "--prompts", str(prompts), "--n", "3", "--seed", "7",
+            "--temperature", "1", "--top_p", "0.9", "--max_new_tokens", "12", "--out", str(out)]
+    assert sample_main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [r["completion"].lstrip() for r in rows if r["prompt_index"] == 1]
+    assert chat.sample(QUESTION, 3, seed=7, index=1, temperature=1, top_p=0.9, max_new_tokens=12) == expected
+
+
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         ChatModel(adapter=tmp_path)
@@ -153,6 +167,8 @@ def test_sample_gives_n_reproducible_replies_in_one_batch(chat):
     assert len(replies) == 4 and len(set(replies)) > 1  # independent samples, not one repeated
     assert chat.sample(QUESTION, 4, seed=3, **options) == replies
     assert chat.sample(QUESTION, 4, seed=4, **options) != replies
+    assert chat.sample(QUESTION, 4, seed=3, index=1, **options) != replies  # another prompt's draws
+    assert chat.sample(QUESTION, 2, seed=3, **options) == replies[:2]  # reply j's draws are its own
     assert chat.sample(QUESTION, 1, temperature=0, max_new_tokens=20) == [chat.generate(QUESTION, **GREEDY)]
     base = chat.sample(QUESTION, 1, use_adapter=False, temperature=0, max_new_tokens=20)
     assert base == [chat.generate(QUESTION, use_adapter=False, **GREEDY)]

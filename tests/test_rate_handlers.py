@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -14,13 +15,16 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from kto_lite.__main__ import train_config
 from kto_lite.config import TrainConfig
 from kto_lite.data import DataError, encode_prompt, load_data, tokenize
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
-from kto_lite.demo.task import judge as demo_judge
 from ui import chat_handlers as ch
 from ui import handlers, jobs
 from ui import rate_handlers as rh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from demo_task import judge as demo_judge  # noqa: E402
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 PROMPTS = "What is 2 + 3?\n\nWhat is 10 - 4?\n"
@@ -60,6 +64,7 @@ def make_run(runs: Path, adapter_files: Path, name: str = "20250101-000000-demo"
     run.mkdir()
     for f in adapter_files.iterdir():
         (run / f.name).write_bytes(f.read_bytes())
+    config = {"lora_r": 4, "lora_alpha": 8, **config}  # the adapter's shape (save_adapter)
     settings = TrainConfig(model=str(DEMO_MODEL_DIR), load_in_4bit=False, data="d.jsonl", output_dir=str(run),
                            max_steps=50, **config).to_dict()
     (run / "config.yaml").write_text(yaml.safe_dump(settings))
@@ -82,7 +87,9 @@ def like(index, liked):
 def test_prompts_come_from_every_data_format(tmp_path):
     kto, _ = rh.read_prompts(DEMO_SAMPLES["kto"])
     assert len(kto) == len({json.loads(line)["prompt"] for line in DEMO_SAMPLES["kto"].open()})  # each once
-    assert kto[0] == {"prompt": "What is 29 + 49?", "row": json.loads(DEMO_SAMPLES["kto"].open().readline())}
+    assert kto[0] == {"prompt": "What is 29 + 49?", "row": json.loads(DEMO_SAMPLES["kto"].open().readline()),
+                      "index": 0}
+    assert kto[1]["index"] == 2  # its row: the answers are seeded as `kto_lite sample` seeds that row
     messages, _ = rh.read_prompts(DEMO_SAMPLES["messages"])
     assert messages[0]["prompt"] == [{"role": "user", "content": "What is 29 + 49?"}]  # the answer dropped
     paired, _ = rh.read_prompts(DEMO_SAMPLES["paired"])
@@ -91,17 +98,17 @@ def test_prompts_come_from_every_data_format(tmp_path):
     csv.write_text("prompt,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,4\n")
     prompts, columns = rh.read_prompts(csv)
     assert columns == ["prompt", "answer"] and prompts[1] == {"prompt": "What is 2 + 2?", "row": {
-        "prompt": "What is 2 + 2?", "answer": "4"}}
+        "prompt": "What is 2 + 2?", "answer": "4"}, "index": 1}
 
 
 def test_a_file_without_prompts_is_a_clear_error(tmp_path):
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question": "hi"}\n')
-    with pytest.raises(DataError, match="q.jsonl: no `prompt` or `messages` column"):
+    with pytest.raises(DataError, match="q.jsonl, line 1: no prompt: a prompt file needs a 'prompt' column"):
         rh.read_prompts(bad)
-    bad.write_text('{"prompt": "hi"}\n{"prompt": "  "}\n')
-    state, info = rh.on_prompt_upload(str(bad))
-    assert state is None and "q.jsonl, line 2: no prompt" in info
+    bad.write_text('{"prompt": "hi"}\n{"prompt": 5}\n')
+    state, info = rh.load_prompt_file(bad, "my questions.jsonl")
+    assert state is None and "my questions.jsonl, line 2: 'prompt' must be text" in info and str(bad) not in info
 
 
 def test_a_prompt_file_replaces_the_typed_prompts(runs, adapter_files):
@@ -127,8 +134,8 @@ def test_n_answers_per_prompt_from_the_runs_adapter_reproducibly(runs, adapter_f
     assert all(messages[it["index"]]["content"] == it["completion"] for it in batch["items"])
     model = ch.get_chat_model(str(run))  # the Chat tab's cached copy answered: adapter on
     assert model.has_adapter and ch._CACHE["key"] == (str(run), "")
-    expected = model.sample([{"role": "user", "content": "What is 10 - 4?"}], 3, temperature=1.0, top_p=1.0,
-                            max_new_tokens=12, seed=1)  # prompt i uses seed + i
+    expected = model.sample([{"role": "user", "content": "What is 10 - 4?"}], 3, temperature=1.0,
+                            max_new_tokens=12, seed=0, index=1)  # the second prompt
     assert [it["completion"] for it in batch["items"][3:]] == expected
     assert generate(str(run))[-1][2]["items"] == batch["items"]  # same seed, same answers
     assert generate(str(run), seed=5)[-1][2]["items"] != batch["items"]
@@ -187,7 +194,7 @@ def test_a_judge_rates_the_answers_nobody_rated(runs, adapter_files):
     batch["items"][0]["completion"] = "2 + 3 = 5."  # make sure the judge sees both kinds
     batch["items"][1]["completion"] = "2 + 3 = 6."
     batch, _ = rh.on_rate(batch, like(2, True))  # a thumb wins over the judge: answer 1 stays 👍
-    update, text, batch = rh.judge_answers(batch, "python:kto_lite.demo.task:judge", "", None)
+    update, text, batch = rh.judge_answers(batch, f"python:{rh.DEMO_JUDGE}:judge", "", None)  # the preset
     expected = [True if i == 1 else demo_judge(it["prompt"], it["completion"]) for i, it in enumerate(batch["items"])]
     assert [it["label"] for it in batch["items"]] == expected
     assert [it["by"] for it in batch["items"]][:2] == ["judge", "you"]
@@ -216,7 +223,7 @@ def started(monkeypatch):
 
 
 def test_next_round_trains_from_the_runs_adapter_on_its_feedback(runs, adapter_files, started):
-    run = make_run(runs, adapter_files, lora_r=8, beta=0.3)
+    run = make_run(runs, adapter_files, beta=0.3)
     _, _, batch = generate(str(run))[-1]
     for index in (1, 2, 5):
         batch, _ = rh.on_rate(batch, like(index, index != 2))
@@ -224,10 +231,10 @@ def test_next_round_trains_from_the_runs_adapter_on_its_feedback(runs, adapter_f
     _, batch = rh.save_ratings(batch)
     message, command = rh.train_next_round(str(run), "", batch, 2, "init_adapter")
     (argv, out), = started
-    config = TrainConfig.load(None, argv[3:])  # what `python -m kto_lite train` will parse
+    config = train_config(argv[3:])  # what `python -m kto_lite train` will parse
     assert argv[:3] == ["-m", "kto_lite", "train"] and f"--init_adapter {run}" in command
     assert config.init_adapter == str(run) and config.reference == "init_adapter"
-    assert (config.model, config.lora_r, config.beta) == (str(DEMO_MODEL_DIR), 8, 0.3)  # the run's settings
+    assert (config.model, config.lora_r, config.beta) == (str(DEMO_MODEL_DIR), 4, 0.3)  # the run's settings
     assert config.num_epochs == 2 and config.max_steps is None and Path(config.output_dir) == out
     assert out.parent == runs and out.name.endswith("-demo-round-2") and "demo-round-2" in message
     snapshot = Path(config.data)  # a copy: more ratings later do not change what this run trained on
@@ -242,7 +249,7 @@ def test_round_numbers_follow_the_init_adapter_chain(runs, adapter_files, starte
     rh.train_next_round(str(second), "", None, None, "base")
     (argv, out), = started
     assert out.name.endswith("-demo-round-3")
-    assert TrainConfig.load(None, argv[3:]).num_epochs == TrainConfig().num_epochs  # empty epochs: as the run
+    assert train_config(argv[3:]).num_epochs == TrainConfig().num_epochs  # empty epochs: as the run
 
 
 def test_next_round_needs_feedback_and_a_free_trainer(runs, adapter_files, started, monkeypatch):
@@ -258,6 +265,30 @@ def test_the_base_model_starts_a_first_round(runs, started):
     ch.record_feedback(ch.BASE, "", "What is 1 + 1?", "1 + 1 = 2.", True)
     rh.train_next_round(ch.BASE, "", None, None, "init_adapter")
     (argv, out), = started
-    config = TrainConfig.load(None, argv[3:])
+    config = train_config(argv[3:])
     assert config.init_adapter is None and config.reference == "base" and out.name.endswith("-demo-round-1")
     assert Path(config.data).read_text() == (runs / "_feedback" / "demo.jsonl").read_text()
+
+
+def test_the_next_round_really_trains_from_the_previous_adapter(runs):
+    """Round 1 trained for real, rated with the demo judge in the app, round 2 started as the button does."""
+    from safetensors.torch import load_file
+
+    from kto_lite.train import train
+
+    small = dict(model=str(DEMO_MODEL_DIR), load_in_4bit=False, max_steps=2, batch_size=2, max_length=48,
+                 max_prompt_length=24, lora_r=4)
+    first = train(TrainConfig(data=str(DEMO_SAMPLES["kto"]), output_dir=str(runs / "20250101-000000-demo"),
+                              **small), show_progress=False)
+    _, _, batch = generate(str(first), typed="What is 2 + 3?\nWhat is 9 - 4?", n=4)[-1]
+    _, _, batch = rh.judge_answers(batch, f"python:{rh.DEMO_JUDGE}:judge", "", None)
+    rh.save_ratings(batch)
+    message, command = rh.train_next_round(str(first), "", batch, 1, "init_adapter")
+    assert message.startswith("▶ Started"), message
+    second = jobs.JOBS.run
+    assert jobs.JOBS.proc.wait(timeout=600) == 0, jobs.log_tail(second)
+    assert jobs.run_state(second).state == "finished"
+    saved = yaml.safe_load((second / "config.yaml").read_text())
+    assert saved["init_adapter"] == str(first) and saved["reference"] == "init_adapter"
+    before, after = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from kto_lite.__main__ import train_config
 from kto_lite.config import ConfigError, TrainConfig
 from kto_lite.demo import DEMO_SAMPLES
 from ui import chat_handlers as ch
@@ -118,7 +119,7 @@ def test_form_values_survive_the_command_line():
     assert config.desirable_weight == "auto" and config.undesirable_weight == 0.5
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.use_chat_template is False
     argv = form.train_argv(config)
-    assert TrainConfig.load(None, argv[3:]) == config  # what the subprocess will parse
+    assert train_config(argv[3:]) == config  # what the subprocess will parse
     assert form.config_to_values(config, specs)[[s.name for s in specs].index("max_steps")] == 3
 
 

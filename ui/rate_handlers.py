@@ -4,7 +4,8 @@
    `prompt` column (text or chat messages), or `messages` (the final assistant turn, the old
    completion, is dropped). The file's other columns (a reference answer) are kept for a judge.
 2. `ChatModel.sample` answers each prompt n times in one batch, with the Chat tab's loaded model
-   (chat_handlers.get_chat_model: one copy of the weights, adapters on).
+   (chat_handlers.get_chat_model: one copy of the weights, adapters on), seeded as
+   `python -m kto_lite sample` seeds (kto_lite.sampling).
 3. Each answer is rated with the thumbs under it, or by a judge (`kto_lite.judges`) for those not
    rated by hand. Saving appends the rated answers to the run's feedback file, in the same rows the
    Chat tab's thumbs write (`kto_lite.chat.append_feedback`); the Data tab lists that file.
@@ -24,74 +25,59 @@ from pathlib import Path
 import gradio as gr
 
 from kto_lite.config import ConfigError, TrainConfig
-from kto_lite.data_read import DataError, read_rows
+from kto_lite.data_read import DataError
 
 from . import chat_handlers as ch
 from . import form, jobs
 from . import handlers as h
 
-# Judges offered in the dropdown (any spec kto_lite.judges accepts can be typed in).
+# Judges offered in the dropdown (any spec kto_lite.judges accepts can be typed in), and the demo
+# task's judge when the recipes folder is there (a source checkout).
 JUDGES = [("exact: the answer equals the reference column", "exact"),
           ("contains: the answer contains the reference", "contains"),
-          ("number: same last number as the reference", "number"),
-          ("demo arithmetic (python:kto_lite.demo.task:judge)", "python:kto_lite.demo.task:judge")]
+          ("number: same last number as the reference", "number")]
+DEMO_JUDGE = Path(__file__).resolve().parents[1] / "recipes" / "demo_task.py"
+if DEMO_JUDGE.is_file():
+    JUDGES.append(("demo arithmetic (recipes/demo_task.py)", f"python:{DEMO_JUDGE}:judge"))
 MAX_ANSWERS = 16
 NO_FILE = ""  # the shipped-file dropdown's "use the typed prompts" choice
 
 
 # ---------------------------------------------------------------------- prompts
-def read_prompts(path: str | Path, shown: str | None = None) -> tuple[list[dict], list[str]]:
-    """({"prompt", "row"} per distinct prompt, in file order; the file's columns). DataError on bad rows.
+def read_prompts(path: str | Path) -> tuple[list[dict], list[str]]:
+    """({"prompt", "row", "index"} per distinct prompt, in file order; the file's columns).
 
-    A prompt is text or chat messages ending with a user turn; `row` is the file's row (for judges).
+    `kto_lite.sampling.read_prompts` reads the file (DataError on a bad row); a prompt asked in several
+    rows (a feedback file rates each prompt more than once) is asked once. `index` is the prompt's row
+    position: it seeds the answers as `python -m kto_lite sample` seeds that row's samples.
     """
-    raw = read_rows(Path(path))
-    shown = shown or raw.path
-    if "prompt" not in raw.columns and "messages" not in raw.columns:
-        raise DataError(f"{shown}: no `prompt` or `messages` column to take prompts from "
-                        f"(columns: {', '.join(raw.columns)})", path=shown)
+    from kto_lite.sampling import read_prompts as read_prompt_file
+
+    found = read_prompt_file(path)
     prompts, seen = [], set()
-    for row in raw.rows:
-        prompt = _prompt_of(row.data)
-        if prompt is None:
-            raise DataError(f"{shown}, {raw.where(row)}: no prompt: `prompt` must be text or chat messages, "
-                            "`messages` must have a user turn", path=shown, row=row.row)
-        key = repr(prompt)
-        if key not in seen:  # a feedback file rates each prompt several times: ask it once
+    for index, row in enumerate(found.rows):
+        key = repr(row.prompt)
+        if key not in seen:
             seen.add(key)
-            prompts.append({"prompt": prompt, "row": row.data})
-    return prompts, raw.columns
-
-
-def _prompt_of(data: dict) -> str | list[dict] | None:
-    from kto_lite.chat import normalize_messages
-
-    value = data.get("prompt", data.get("messages"))
-    if isinstance(value, str):
-        return value if value.strip() else None
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
-        return None
-    messages = normalize_messages(value)
-    if "prompt" not in data:  # messages: the last assistant turn is the completion, not the prompt
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-    return messages if messages and messages[-1]["role"] == "user" else None
+            prompts.append({"prompt": row.prompt, "row": row.row, "index": index})
+    return prompts, found.columns
 
 
 def typed_prompts(text: str) -> list[dict]:
     """One prompt per non-empty line, no row to judge against."""
-    return [{"prompt": line.strip(), "row": {}} for line in (text or "").splitlines() if line.strip()]
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return [{"prompt": line, "row": {}, "index": i} for i, line in enumerate(lines)]
 
 
 def load_prompt_file(path: str | Path | None, shown: str | None = None):
     """A prompt file chosen (upload or shipped): (file state, the line under it)."""
     if not path:
         return None, ""
-    try:
-        prompts, columns = read_prompts(path, shown)
-    except DataError as e:
-        return None, f"⚠ {h._markdown_text(str(e))}"
     shown = shown or Path(path).name
+    try:
+        prompts, columns = read_prompts(path)
+    except DataError as e:
+        return None, "⚠ **Cannot read prompts from this file**\n\n" + h._error_markdown(e, path, shown)
     others = [c for c in columns if c not in ("prompt", "messages", "completion", "label", "chosen", "rejected")]
     extra = f"; other columns, for a judge: {', '.join(f'`{c}`' for c in others)}" if others else ""
     state = {"path": str(path), "name": shown, "prompts": prompts, "columns": columns}
@@ -134,9 +120,9 @@ def generate(source: str | None, base_model: str, typed: str, prompt_file: dict 
     messages = []
     for i, p in enumerate(progress.tqdm(prompts, desc="prompts")):
         prompt = p["prompt"] if isinstance(p["prompt"], list) else [{"role": "user", "content": p["prompt"]}]
-        # seed + i: prompt i's answers do not depend on which prompts came before it
+        # seeded by (seed, the prompt's row, j): a prompt's answers do not depend on the others asked
         answers = model.sample(prompt, n, system_prompt=system, temperature=float(temperature),
-                               max_new_tokens=int(max_new_tokens), seed=seed + i, top_p=1.0)
+                               max_new_tokens=int(max_new_tokens), seed=seed, index=p["index"])
         messages.append({"role": "user", "content": _shown_prompt(p["prompt"])})
         for answer in answers:
             batch["items"].append({"prompt": p["prompt"], "row": p["row"], "completion": answer, "label": None,
