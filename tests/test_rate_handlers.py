@@ -88,8 +88,8 @@ def test_prompts_come_from_every_data_format(tmp_path):
     kto, _ = rh.read_prompts(DEMO_SAMPLES["kto"])
     assert len(kto) == len({json.loads(line)["prompt"] for line in DEMO_SAMPLES["kto"].open()})  # each once
     assert kto[0] == {"prompt": "What is 29 + 49?", "row": json.loads(DEMO_SAMPLES["kto"].open().readline()),
-                      "index": 0}
-    assert kto[1]["index"] == 2  # its row: the answers are seeded as `kto_lite sample` seeds that row
+                      "row_index": 0}
+    assert kto[1]["row_index"] == 2  # its row: the answers are seeded as `kto_lite sample` seeds that row
     messages, _ = rh.read_prompts(DEMO_SAMPLES["messages"])
     assert messages[0]["prompt"] == [{"role": "user", "content": "What is 29 + 49?"}]  # the answer dropped
     paired, _ = rh.read_prompts(DEMO_SAMPLES["paired"])
@@ -98,7 +98,7 @@ def test_prompts_come_from_every_data_format(tmp_path):
     csv.write_text("prompt,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,4\n")
     prompts, columns = rh.read_prompts(csv)
     assert columns == ["prompt", "answer"] and prompts[1] == {"prompt": "What is 2 + 2?", "row": {
-        "prompt": "What is 2 + 2?", "answer": "4"}, "index": 1}
+        "prompt": "What is 2 + 2?", "answer": "4"}, "row_index": 1}
 
 
 def test_a_file_without_prompts_is_a_clear_error(tmp_path):

@@ -45,10 +45,10 @@ NO_FILE = ""  # the shipped-file dropdown's "use the typed prompts" choice
 
 # ---------------------------------------------------------------------- prompts
 def read_prompts(path: str | Path) -> tuple[list[dict], list[str]]:
-    """({"prompt", "row", "index"} per distinct prompt, in file order; the file's columns).
+    """({"prompt", "row", "row_index"} per distinct prompt, in file order; the file's columns).
 
     `kto_lite.sampling.read_prompts` reads the file (DataError on a bad row); a prompt asked in several
-    rows (a feedback file rates each prompt more than once) is asked once. `index` is the prompt's row
+    rows (a feedback file rates each prompt more than once) is asked once. `row_index` is the prompt's row
     position: it seeds the answers as `python -m kto_lite sample` seeds that row's samples.
     """
     from kto_lite.sampling import read_prompts as read_prompt_file
@@ -59,14 +59,14 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[str]]:
         key = repr(row.prompt)
         if key not in seen:
             seen.add(key)
-            prompts.append({"prompt": row.prompt, "row": row.row, "index": index})
+            prompts.append({"prompt": row.prompt, "row": row.row, "row_index": index})
     return prompts, found.columns
 
 
 def typed_prompts(text: str) -> list[dict]:
     """One prompt per non-empty line, no row to judge against."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return [{"prompt": line, "row": {}, "index": i} for i, line in enumerate(lines)]
+    return [{"prompt": line, "row": {}, "row_index": i} for i, line in enumerate(lines)]
 
 
 def load_prompt_file(path: str | Path | None, shown: str | None = None):
@@ -122,7 +122,7 @@ def generate(source: str | None, base_model: str, typed: str, prompt_file: dict 
         prompt = p["prompt"] if isinstance(p["prompt"], list) else [{"role": "user", "content": p["prompt"]}]
         # seeded by (seed, the prompt's row, j): a prompt's answers do not depend on the others asked
         answers = model.sample(prompt, n, system_prompt=system, temperature=float(temperature),
-                               max_new_tokens=int(max_new_tokens), seed=seed, index=p["index"])
+                               max_new_tokens=int(max_new_tokens), seed=seed, index=p["row_index"])
         messages.append({"role": "user", "content": _shown_prompt(p["prompt"])})
         for answer in answers:
             batch["items"].append({"prompt": p["prompt"], "row": p["row"], "completion": answer, "label": None,
