@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-from types import SimpleNamespace
 
 import pytest
 from chat_templates_data import SPECIALS, TEMPLATES
@@ -172,8 +171,9 @@ def test_chat_prompt_equals_the_training_prompt(tokenizers, name):
     system = None if name in NO_SYSTEM_ROLE else "Be brief."
     prompt = ([{"role": "system", "content": system}] if system else []) + HISTORY + QUESTION
     trained = one([Example(prompt, "5", True, 1)], tokenizer)
-    chat = SimpleNamespace(tokenizer=tokenizer, use_chat_template=None)
-    assert ChatModel.prompt_ids(chat, HISTORY + QUESTION, system_prompt=system) == trained.prompt_ids
+    chat = ChatModel.__new__(ChatModel)  # the prompt side of a ChatModel, without loading weights
+    chat.tokenizer, chat.use_chat_template = tokenizer, None
+    assert chat.prompt_ids(HISTORY + QUESTION, system_prompt=system) == trained.prompt_ids
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama-3.1", "mistral-v0.3"])
