@@ -33,9 +33,6 @@ from .data import encode_prompt
 from .model import load_adapter, load_base, load_tokenizer, resolve_model
 from .sampling import generate_samples, stop_token_ids
 
-FEEDBACK_FILE = "feedback.jsonl"  # the app's feedback dataset, inside a run folder
-
-
 # --------------------------------------------------------------------------- what a run folder says
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from .config import ConfigError, TrainConfig
 
 STATES = ("running", "finished", "stopped", "failed")
+FEEDBACK_FILE = "feedback.jsonl"  # rated replies (chat, Rate tab) for the next round, inside a run folder
 
 
 def read_status(output_dir: str | Path) -> dict | None:

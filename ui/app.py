@@ -11,13 +11,15 @@ import math
 
 import gradio as gr
 
+from kto_lite.data_read import SUFFIXES
+
 from . import chat_handlers as ch
 from . import form
 from . import handlers as h
 from . import rate_handlers as rh
 
 TIMER_SECONDS = 2.0
-DATA_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".parquet"]
+DATA_TYPES = list(SUFFIXES)
 SECTION_TITLES = {"basic": "Model and schedule", "kto": "KTO loss", "lora": "LoRA, lengths and seed",
                   "advanced": "Advanced"}
 CSS = """

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from kto_lite.run_dir import FEEDBACK_FILE
+
 from . import jobs
 from .handlers import SETTINGS, run_folder
 
@@ -217,7 +219,7 @@ def stop_chat() -> str:
 def feedback_path(source: str | None, base_model: str | None = None) -> Path:
     """<run>/feedback.jsonl for a run; runs/_feedback/<model>.jsonl for the base model."""
     if source and source != BASE:
-        return run_folder(source) / jobs.FEEDBACK_NAME
+        return run_folder(source) / FEEDBACK_FILE
     name = jobs.slugify(Path((base_model or "").rstrip("/")).name, default="demo")
     return SETTINGS.runs_dir / "_feedback" / f"{name}.jsonl"
 

@@ -20,14 +20,15 @@ from pathlib import Path
 import gradio as gr
 
 from kto_lite.config import ConfigError
-from kto_lite.data import DataError, load_data
+from kto_lite.data import CANONICAL, DataError, load_data
+from kto_lite.data_read import SUFFIXES
 from kto_lite.data_report import FORMATS
-from kto_lite.run_dir import checkpoints
+from kto_lite.run_dir import FEEDBACK_FILE, checkpoints
 
 from . import form, jobs
 
 LATEST = "__latest__"  # the run dropdown's "follow the newest job" choice
-MAP_TARGETS = ("prompt", "completion", "label", "messages", "chosen", "rejected")
+MAP_TARGETS = tuple(c for c in CANONICAL if c != "kto_tag")  # kto_tag is another name for label
 NOT_IN_FILE = "(none)"
 PREVIEW_ROWS = 50
 
@@ -56,7 +57,7 @@ def sample_files() -> dict[str, Path]:
 def feedback_files() -> dict[str, Path]:
     """Feedback recorded in the Chat tab: <run>/feedback.jsonl and runs/_feedback/*.jsonl."""
     runs = SETTINGS.runs_dir
-    found = [run / jobs.FEEDBACK_NAME for run in jobs.list_runs(runs)]
+    found = [run / FEEDBACK_FILE for run in jobs.list_runs(runs)]
     found += sorted((runs / "_feedback").glob("*.jsonl")) if (runs / "_feedback").is_dir() else []
     from kto_lite.chat import feedback_counts
 
@@ -64,7 +65,7 @@ def feedback_files() -> dict[str, Path]:
     for path in found:
         if path.is_file():
             counts = feedback_counts(path)
-            name = path.parent.name if path.name == jobs.FEEDBACK_NAME else f"base model {path.stem}"
+            name = path.parent.name if path.name == FEEDBACK_FILE else f"base model {path.stem}"
             out[f"{name}: {counts['desirable']} liked / {counts['undesirable']} disliked"] = path
     return out
 
@@ -77,7 +78,7 @@ def stage_file(path: str | Path, tag: str = "") -> Path:
     """
     path = Path(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    suffix = path.suffix.lower() if path.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv", ".parquet") else ""
+    suffix = path.suffix.lower() if path.suffix.lower() in SUFFIXES else ""
     target = SETTINGS.runs_dir / "_data" / f"{tag}{digest}{suffix}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from kto_lite.run_dir import read_metrics, read_status
+from kto_lite.run_dir import pid_alive, read_metrics, read_status
 
 PENDING_LOGS = ".logs"  # runs/.logs/<run>.log until the run folder exists
 LOG_NAME = "train.log"
-FEEDBACK_NAME = "feedback.jsonl"
 PLOTS = {  # plot title -> {metrics.jsonl key: legend name}
     "loss": {"loss": "train", "eval_loss": "eval"},
     "rewards": {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"},
@@ -97,14 +96,6 @@ def list_runs(runs_dir: Path) -> list[Path]:
 
 def has_adapter(run: Path) -> bool:
     return (Path(run) / "adapter_model.safetensors").is_file()
-
-
-def pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, TypeError, ValueError):
-        return False
-    return True
 
 
 @dataclass
