@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kto_lite.data_read import DataError, RawData, Row, read_rows, snippet
 from kto_lite.data_report import DataReport, suggest_weights
-from kto_lite.data_tokenize import TokenizedExample, encode_prompt, tokenize
+from kto_lite.data_tokenize import encode_prompt, tokenize
+from kto_lite.examples import Content, Example, TokenizedExample
 
 __all__ = [
     "DataError",
@@ -57,17 +57,6 @@ _TRUE = {"true", "1", "1.0", "yes", "desirable", "good", "up", "\N{THUMBS UP SIG
 _FALSE = {"false", "0", "0.0", "no", "undesirable", "bad", "down", "\N{THUMBS DOWN SIGN}"}
 _EMOJI_MODIFIERS = re.compile("[\ufe0e\ufe0f\U0001f3fb-\U0001f3ff]")  # variation selectors, skin tones
 _MAX_ERRORS = 20
-
-Content = str | list[dict[str, Any]]
-
-
-@dataclass
-class Example:
-    prompt: Content  # text, or the chat messages before the completion
-    completion: Content  # text, or the assistant message(s)
-    label: bool  # True: desirable
-    row: int  # 1-based row in the source file (DataReport.row_unit says what it counts)
-
 
 def normalize_label(value: Any) -> bool:
     """True for desirable, False for undesirable; ValueError for anything else.

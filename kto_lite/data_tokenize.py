@@ -43,25 +43,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kto_lite.data_read import DataError
 from kto_lite.data_report import DataReport, length_stats
-
-if TYPE_CHECKING:
-    from kto_lite.data import Example
+from kto_lite.examples import Example, TokenizedExample
 
 NO_COMPLETION_LEFT = "no completion token left after truncation"
 TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}  # see "Dates" above
 _MARKER = "\x01"  # stands in for a message's content to find where the content starts in a template
-
-
-@dataclass
-class TokenizedExample:
-    prompt_ids: list[int]
-    completion_ids: list[int]  # ends with EOS / end-of-turn unless truncated
-    label: bool
-    row: int
 
 
 def encode_prompt(
