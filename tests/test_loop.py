@@ -159,3 +159,22 @@ def test_judge_is_required(prompts):
     with pytest.raises(SystemExit) as exit_info:
         loop_main(["--rounds", "1", "--prompts", prompts[0], "--eval_prompts", prompts[1]])
     assert exit_info.value.code == 2
+
+
+def test_the_command_line_runs_rounds_with_the_reference_it_is_given(tmp_path, capsys):
+    train = demo_task.write_prompts(tmp_path / "train.jsonl", 16, seed=1)
+    heldout = demo_task.write_prompts(tmp_path / "eval.jsonl", 8, seed=2, split="eval")
+    (tmp_path / "c.yaml").write_text(f"output_dir: {tmp_path / 'run'}\nreference: init_adapter\nmax_steps: 2\n"
+                                     "load_in_4bit: false\ngradient_checkpointing: false\nbatch_size: 4\n"
+                                     "save_steps: 0\n")
+    argv = [str(tmp_path / "c.yaml"), "--rounds", "2", "--prompts", str(train), "--eval_prompts", str(heldout),
+            "--judge", "exact", "--n", "2", "--eval_n", "1", "--max_new_tokens", "16", "--seed", "3"]
+    assert loop_main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out if line.startswith("round ")] == [["round", "0"], ["round", "1"],
+                                                                              ["round", "2"]]
+    first, second = (TrainConfig.load(tmp_path / "run" / f"round-{r}" / "config.yaml") for r in (1, 2))
+    assert first.reference == "base" and first.init_adapter is None and first.seed == 3
+    assert second.reference == "init_adapter" and second.init_adapter == str(tmp_path / "run" / "round-1")
+    meta = json.loads((tmp_path / "run" / "round-2" / "samples.meta.json").read_text())
+    assert meta["seed"] == 5 and meta["temperature"] == 0.7 and meta["max_new_tokens"] == 16  # seed + round
