@@ -8,6 +8,8 @@ ends generation itself, not just the display.
 `append_feedback` writes a rated reply as one prompt/completion/label row (data format 1), so the
 feedback file is training data for the next round of KTO.
 
+`ChatModel.sample` generates several answers to one prompt in one batch (the app's Rate tab).
+
 `python -m kto_lite chat [--model M] [--adapter DIR]` is a terminal chat (`main`).
 """
 
@@ -17,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ import torch
 import yaml
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from . import cli
 from .data import encode_prompt
 from .model import load_adapter, load_base, load_tokenizer, resolve_model
+from .sampling import generate_samples, stop_token_ids
 
 FEEDBACK_FILE = "feedback.jsonl"  # the app's feedback dataset, inside a run folder
 
@@ -112,19 +115,19 @@ class ChatModel:
     # ---- prompt
     def prompt_ids(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
         """Token ids of the conversation, ending where the assistant's reply begins."""
+        prompt, use_chat_template = self._prompt(messages, system_prompt)
+        return encode_prompt(prompt, self.tokenizer, use_chat_template=use_chat_template)
+
+    def _prompt(self, messages: list[dict], system_prompt: str | None) -> tuple[str | list[dict], bool | None]:
+        """(the prompt as `encode_prompt` takes it, use_chat_template): the messages through the chat
+        template, or as plain text for a tokenizer without one (or a run trained without it)."""
         messages = normalize_messages(messages)
         if system_prompt:
             messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if has_template and self.use_chat_template is not False:
-            return encode_prompt(messages, self.tokenizer)
-        return encode_prompt(plain_prompt(messages), self.tokenizer, use_chat_template=False)
-
-    def _stop_token_ids(self) -> list[int]:
-        """EOS of the tokenizer and of the model's generation config (instruct models list end-of-turn there)."""
-        ids = self.base.generation_config.eos_token_id
-        ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-        return sorted({i for i in ids + [self.tokenizer.eos_token_id] if i is not None})
+            return messages, None
+        return plain_prompt(messages), False
 
     # ---- generation
     def stream(self, messages: list[dict], *, use_adapter: bool = True, max_new_tokens: int = 256,
@@ -136,11 +139,7 @@ class ChatModel:
         closing this generator, ends generation at the next token.
         """
         ids = torch.tensor([self.prompt_ids(messages, system_prompt)], device=self.base.device)
-        sampling = {"do_sample": False}
-        if temperature > 0:
-            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
-        else:  # keep a sampling generation_config from warning about values greedy decoding ignores
-            sampling.update(temperature=None, top_p=None, top_k=None)
+        sampling = _sampling(temperature, top_p)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         closed = threading.Event()  # set when the consumer goes away: the thread must not run on
         stop_on = _StopOn(stop_event, closed)
@@ -155,7 +154,7 @@ class ChatModel:
                     out = self.model.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                         streamer=streamer, stopping_criteria=StoppingCriteriaList([stop_on]),
-                        eos_token_id=self._stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                        eos_token_id=stop_token_ids(self.base, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id, **sampling,
                     )
                     self.last_stats = {"new_tokens": out.shape[1] - ids.shape[1],
                                        "seconds": time.perf_counter() - start,
@@ -179,6 +178,27 @@ class ChatModel:
         if errors:
             raise errors[0]
 
+    def sample(self, messages: list[dict], n: int = 1, *, use_adapter: bool = True, max_new_tokens: int = 256,
+               temperature: float = 0.7, top_p: float = 1.0, system_prompt: str | None = None, seed: int = 0,
+               index: int = 0) -> list[str]:
+        """`n` independent replies to one conversation, in one batch (`kto_lite.sampling.generate_samples`).
+
+        Reply j draws from its own generator seeded from (seed, index, j), so the replies are those
+        `python -m kto_lite sample --seed SEED` gives for a prompt at position `index` of its file.
+        temperature 0 is greedy: every reply would be the same, so it needs n = 1.
+        """
+        if temperature <= 0 and n > 1:
+            raise ValueError("temperature 0 is greedy decoding: all n replies would be the same; use n = 1")
+        prompt, use_chat_template = self._prompt(messages, system_prompt)
+        with self._lock, self._adapters(use_adapter):
+            start = time.perf_counter()
+            (_, samples), = generate_samples(
+                self.model, self.tokenizer, [prompt], n=int(n), temperature=float(temperature), top_p=float(top_p),
+                max_new_tokens=int(max_new_tokens), seed=seed, batch_size=n, indices=[index],
+                use_chat_template=use_chat_template)
+        self.last_stats = {"seconds": time.perf_counter() - start, "stopped": False}
+        return [sample.text.lstrip() for sample in samples]  # as `stream` shows them
+
     def generate(self, messages: list[dict], **kwargs) -> str:
         """The whole reply (the last text `stream` yields)."""
         text = ""
@@ -190,6 +210,14 @@ class ChatModel:
         if self.has_adapter and not on:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
+
+
+def _sampling(temperature: float, top_p: float) -> dict:
+    """generate() arguments: sampling with temperature and top-p, or greedy for temperature 0."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
+    # keep a sampling generation_config from warning about values greedy decoding ignores
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
@@ -281,27 +309,40 @@ def _file_lock(f):
 HELP = "commands: /reset clears the conversation, /quit (or Ctrl-D) exits; Ctrl-C stops a reply, twice exits"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kto_lite chat", description="Chat with a base model or an adapter.")
-    p.add_argument("--model", help="base model (hub id or path); default: the adapter's base, else the demo model")
-    p.add_argument("--adapter", help="a training run's output_dir (or any PEFT adapter folder)")
-    p.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
-                   help="load the base unquantized (default: as the run was trained, else 4-bit)")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (deterministic)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--base", action="store_true", help="answer with the adapter disabled (the base model)")
-    return p.parse_args(argv)
+def build_parser() -> cli.Parser:
+    p = cli.Parser("chat", "Chat with a base model or an adapter in the terminal.")
+    p.add_flag("model", metavar="M",
+               help="base model (hub id or path); default: the adapter's base, else the built-in demo model")
+    p.add_flag("adapter", metavar="DIR", help="a training run's output_dir (or any PEFT adapter folder)")
+    p.add_flag("load_in_4bit", type=cli.yaml_value, default=None, metavar="BOOL",
+               help="false: load the base unquantized (default: as the run was trained, else true)")
+    p.add_argument("--no-4bit", dest="load_in_4bit", action="store_const", const=False,
+                   help=argparse.SUPPRESS)  # the flag before round 2; same as --load_in_4bit false
+    p.add_flag("system", metavar="TEXT", help="system prompt, put before the conversation")
+    p.add_flag("temperature", type=float, default=0.7, metavar="T", help="0: greedy (deterministic); default 0.7")
+    p.add_flag("top_p", type=float, default=0.9, metavar="P", help="nucleus sampling; default 0.9")
+    p.add_flag("max_new_tokens", type=int, default=256, metavar="N", help="longest reply in tokens; default 256")
+    p.add_flag("base", action="store_true", help="answer with the adapter disabled (the base model)")
+    return p
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    """Exit codes: 0 done, 2 a usage or input error (a bad flag, a folder without an adapter), 1 a failure."""
     try:
-        chat = ChatModel(args.model, args.adapter, load_in_4bit=args.load_in_4bit)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): argparse has printed it
+        return int(e.code or 0)
+    return cli.run(lambda: _chat(args))
+
+
+def _chat(args) -> int:
+    if args.load_in_4bit not in (None, True, False):
+        raise cli.UsageError(f"--load_in_4bit takes true or false, not {args.load_in_4bit!r}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        raise cli.UsageError("--temperature must be at least 0, --top_p in (0, 1], --max_new_tokens at least 1")
+    if args.adapter is not None:
+        check_adapter_dir(args.adapter)  # FileNotFoundError: an input error (exit 2), before loading anything
+    chat = ChatModel(args.model, args.adapter, load_in_4bit=args.load_in_4bit)
     who = chat.model_name
     if chat.has_adapter:
         who += f" + adapter {chat.adapter_dir}" + (" (disabled: --base)" if args.base else "")

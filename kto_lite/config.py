@@ -28,6 +28,7 @@ TRACKERS = ("none", "tensorboard", "wandb")
 # "Why these defaults"). The built-in demo model has its own (kto_lite/demo/__init__.py: DEMO_SETTINGS).
 DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_BETA = 0.1
+DEFAULT_NUM_EPOCHS = 1
 DEFAULT_WARMUP_RATIO = 0.1  # with a decaying schedule; none with "constant"
 
 
@@ -106,7 +107,10 @@ class TrainConfig:
     optimizer: str = _f(
         "auto", "'auto': paged 8-bit AdamW on GPU, AdamW on CPU; or name one.", choices=OPTIMIZERS
     )
-    num_epochs: float = _f(1, "Passes over the data. The paper's authors prefer more epochs to a higher rate.")
+    num_epochs: float | None = _f(
+        None, f"Passes over the data; the paper's authors prefer more epochs to a higher rate. Empty: "
+        f"{DEFAULT_NUM_EPOCHS} (demo model: its own)."
+    )
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides num_epochs).")
     batch_size: int = _f(4, "Examples per device per forward pass. z0 is estimated on each batch: >= 4 helps.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step; effective batch 16-128 is best.")
@@ -184,7 +188,8 @@ class TrainConfig:
         if c.data is None and c.model is None:
             c.data = str(DEMO_SAMPLES["kto"])  # `train` with no arguments: the demo on its sample feedback
         is_demo = c.model is None or Path(c.model).resolve() == DEMO_MODEL_DIR.resolve()
-        derived = dict(DEMO_SETTINGS) if is_demo else {"learning_rate": DEFAULT_LEARNING_RATE, "beta": DEFAULT_BETA}
+        derived = dict(DEMO_SETTINGS) if is_demo else {"learning_rate": DEFAULT_LEARNING_RATE, "beta": DEFAULT_BETA,
+                                                       "num_epochs": DEFAULT_NUM_EPOCHS}
         for name, value in derived.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
@@ -262,6 +267,17 @@ def _adopt_adapter_shape(c: TrainConfig) -> None:
 
 def _default_of(f):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def resolve_optimizer(name: str, device: str | None = None) -> str:
+    """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU."""
+    if name != "auto":
+        return name
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
 def field_help() -> dict[str, str]:

@@ -120,11 +120,9 @@ class DataReport:
             w.append(f"Dropped {len(dropped)} {self.row_unit}(s), {reason}: {rows(dropped)}.")
         if self.duplicate_rows:
             extra = sum(len(group) - 1 for group in self.duplicate_rows)
-            groups = "; ".join(rows(g) for g in self.duplicate_rows[:5])
-            w.append(f"{extra} example(s) repeat an earlier one exactly (kept): {groups}.")
+            w.append(f"{extra} example(s) repeat an earlier one exactly (kept): {_groups_text(self.duplicate_rows)}.")
         if self.conflicting_rows:
-            groups = "; ".join(rows(g) for g in self.conflicting_rows[:5])
-            w.append(f"The same prompt and completion are labeled both ways: {groups}.")
+            w.append(f"The same prompt and completion are labeled both ways: {_groups_text(self.conflicting_rows)}.")
         if self.empty_prompt_rows:
             w.append(f"{len(self.empty_prompt_rows)} empty prompt(s) (kept): {rows(self.empty_prompt_rows)}.")
         if self.truncated_prompts:
@@ -205,6 +203,12 @@ class DataReport:
 def _rows_text(rows: list[int], limit: int = 10) -> str:
     shown = ", ".join(map(str, rows[:limit]))
     return shown + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
+def _groups_text(groups: list[list[int]], limit: int = 5) -> str:
+    """'1, 7; 2, 9 ... and 3 more groups': the first groups of row numbers, and how many were left out."""
+    shown = "; ".join(_rows_text(g) for g in groups[:limit])
+    return shown + (f" ... and {len(groups) - limit} more group(s)" if len(groups) > limit else "")
 
 
 def _pct(n: int, total: int) -> str:

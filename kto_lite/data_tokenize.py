@@ -15,15 +15,24 @@ the completion. When not, the prompt ids are kept and only the completion's text
 appended, i.e. the model trains on the same token sequence it would see (and produce) at generation:
 - BPE merges across the boundary ("Hello wor" + "ld"): the completion text is the whole text after
   the prompt text;
-- templates that render the prompt differently once an answer follows (a generation prompt that is
-  not in the finished conversation, earlier turns rewritten): the completion text starts where the
-  completion's content starts, found by rendering the conversation once more with the content
-  replaced by a marker character and taking the common prefix.
+- templates that render the prompt differently once an answer follows (Mistral moves the system
+  message into the last user turn; others drop a generation prompt or rewrite earlier turns): the
+  completion text starts right after the prompt's own last characters as they appear before the
+  answer in the finished conversation (the longest tail of the prompt text found there), so the
+  reply keeps what the template writes between the prompt and the content (Mistral's space before
+  the answer, an empty think block). The content's start is found by rendering the conversation once
+  more with the content replaced by a marker character and taking the common prefix.
 Such rows are counted in `DataReport.prefix_mismatches`.
 
 End of turn: a completion must end with EOS or with the template's end-of-turn token so that the
-model learns to stop. If, ignoring trailing whitespace tokens, it does not end with EOS or another
-special token, EOS is appended.
+model learns to stop, and nothing after it counts: generation stops there, so what a template writes
+after the turn (ChatML's "\n" after <|im_end|>, Phi-3's "\n<|endoftext|>" after <|end|>) is never
+produced and is cut. Of the trailing whitespace and special tokens, the completion keeps those up to
+the first end-of-turn (special) token; without one, EOS is appended.
+
+Dates: Llama 3.x templates print "Today Date" into the system turn (3.2: today's date). Every template
+is rendered with `date_string` = 26 Jul 2024 (Llama 3.1's own default), so that a row gives the same
+tokens on any day: in training, in the reference cache, and at chat time.
 
 Truncation: a prompt longer than max_prompt_length keeps its end (the latest turns), and its first
 token if that is BOS. Then, if prompt + completion is longer than max_length, the completion's tail
@@ -43,6 +52,7 @@ if TYPE_CHECKING:
     from kto_lite.data import Example
 
 NO_COMPLETION_LEFT = "no completion token left after truncation"
+TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}  # see "Dates" above
 _MARKER = "\x01"  # stands in for a message's content to find where the content starts in a template
 
 
@@ -62,7 +72,10 @@ def encode_prompt(
     The same ids `tokenize` uses, so generation sees exactly what training saw.
     """
     if _uses_template(tokenizer, use_chat_template, isinstance(prompt, list)):
-        text = _render(tokenizer, _messages(prompt, "user"), generation=True)
+        try:
+            text = _render(tokenizer, _messages(prompt, "user"), generation=True)
+        except Exception as e:  # jinja2 errors, raise_exception() in templates ("System role not supported")
+            raise DataError(f"the chat template failed ({e})") from e
         return _encode(tokenizer, [text], special=False)[0]
     return _encode(tokenizer, [prompt], special=True)[0]
 
@@ -93,7 +106,7 @@ def tokenize(
     texts = [_texts(ex, tokenizer, c, where) for ex, c in zip(examples, chat)]
     prompt_ids = _encode_each(tokenizer, [t[0] for t in texts], chat)
     whole_ids = _encode_each(tokenizer, [t[1] for t in texts], chat)
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
 
     out: list[TokenizedExample] = []
     tally = _Tally()
@@ -133,8 +146,26 @@ def _completion_ids(
     if whole_text.startswith(prompt_text):  # tokens merged across the boundary
         start = len(prompt_text)
     else:  # the template renders the prompt differently once an answer follows
-        start = _content_start(tokenizer, ex, whole_text)
+        start = _reply_start(prompt_text, whole_text[: _content_start(tokenizer, ex, whole_text)])
     return _encode(tokenizer, [whole_text[start:]], special=False)[0]
+
+
+def _reply_start(prompt_text: str, before_content: str) -> int:
+    """Where the reply starts in `before_content` (the finished conversation up to the answer's
+    content): right after the longest tail of `prompt_text` found there, at its last occurrence.
+
+    Every shorter tail of a tail that occurs also occurs, so the longest is found by bisection.
+    """
+    lo, hi = 0, len(prompt_text)  # a tail of length lo occurs; one of length hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prompt_text[-mid:] in before_content:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:  # nothing of the prompt is left: the reply starts with the content
+        return len(before_content)
+    return before_content.rfind(prompt_text[-lo:]) + lo
 
 
 def _truncate(p, c, max_length, max_prompt_length, bos, tally: _Tally) -> tuple[list[int], list[int]]:
@@ -191,9 +222,11 @@ def _messages(content: str | list[dict], role: str) -> list[dict]:
 def _render(tokenizer: Any, messages: list[dict], generation: bool) -> str:
     if not messages and generation:
         # transformers refuses an empty conversation: render one assistant turn and keep what precedes it
-        probe = tokenizer.apply_chat_template([{"role": "assistant", "content": _MARKER}], tokenize=False)
+        probe = tokenizer.apply_chat_template([{"role": "assistant", "content": _MARKER}], tokenize=False,
+                                              **TEMPLATE_VARIABLES)
         return probe[: probe.index(_MARKER)]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                         **TEMPLATE_VARIABLES)
 
 
 def _texts(ex: Example, tokenizer: Any, chat: bool, where: str) -> tuple[str, str]:
@@ -236,8 +269,11 @@ def _encode_each(tokenizer: Any, texts: list[str], chat: list[bool]) -> list[lis
     return out
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
-    """EOS and the special tokens a template may end a turn with (<|im_end|>, <|eot_id|>, ...)."""
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """EOS and the special tokens a template may end a turn with (<|im_end|>, <|eot_id|>, ...).
+
+    A trained completion ends at the first of them; generation should stop at them too (a GGUF's
+    config may name only <|endoftext|> as EOS while the template ends turns with <|end|>)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids = {i for i, token in decoder.items() if getattr(token, "special", False)} | set(
         tokenizer.all_special_ids
@@ -247,12 +283,14 @@ def _stop_ids(tokenizer: Any) -> set[int]:
 
 
 def _with_stop(ids: list[int], tokenizer: Any, stop_ids: set[int]) -> list[int]:
-    """Append EOS unless the completion already ends (before trailing whitespace) with a special token."""
-    end = len(ids)
-    while end and ids[end - 1] not in stop_ids and not tokenizer.decode([ids[end - 1]]).strip():
-        end -= 1
-    if end and ids[end - 1] in stop_ids:
-        return ids
+    """End at the end-of-turn: of the trailing whitespace and special tokens ("<|im_end|>" "\\n",
+    "<|end|>" "\\n" "<|endoftext|>"), keep those up to the first special one; without one, append EOS."""
+    tail = len(ids)
+    while tail and (ids[tail - 1] in stop_ids or not tokenizer.decode([ids[tail - 1]]).strip()):
+        tail -= 1
+    for i in range(tail, len(ids)):
+        if ids[i] in stop_ids:
+            return ids[: i + 1]  # what follows is never generated: generation stops here
     return _with_eos(ids, tokenizer)
 
 

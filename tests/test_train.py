@@ -17,6 +17,7 @@ from kto_lite.batching import Rows, collate
 from kto_lite.config import ConfigError, TrainConfig
 from kto_lite.data import load_data, tokenize
 from kto_lite.logps import completion_logps
+from kto_lite.loss import kto_loss
 from kto_lite.metrics import Meter
 from kto_lite.model import load_base, load_tokenizer, reference_mode
 from kto_lite.run_dir import RunDir, prepare_output_dir, read_metrics, read_status
@@ -58,6 +59,13 @@ def make_recipe(cfg: TrainConfig) -> Recipe:
     recipe = Recipe(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), show_progress=False)
     recipe.setup()
     return recipe
+
+
+def micro_batch_loss(recipe: Recipe, mb):
+    """kto_loss of one micro-batch through the recipe's own pieces (what train_step does for each)."""
+    policy_logps = recipe.policy(mb.rows)
+    reference_logps = recipe.reference_logps(mb.rows, mb.reference_logps)
+    return kto_loss(policy_logps, reference_logps, mb.labels, z0=recipe.z0([mb]), **recipe.loss_settings)
 
 
 def heldout_logps(model_dir, adapter_dir, workdir):
@@ -113,7 +121,7 @@ def test_training_learns_on_heldout_prompts_and_reference_is_untouched(trained, 
 def test_gradients_reach_only_lora_and_the_base_never_changes(workdir):
     trainer = make_recipe(config(workdir, "grads", max_steps=2))
     lora = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    out, _ = trainer.loss(trainer.micro_batch(trainer.train_split, 0, trainer.steps[0][0][1]), None)
+    out = micro_batch_loss(trainer, trainer.micro_batch(trainer.train_split, 0, trainer.steps[0][0][1]))
     trainer.accelerator.backward(out.loss)
     # snapshot after the first forward: bitsandbytes repacks 4-bit weights for the CPU kernel on first use
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
@@ -379,7 +387,7 @@ def test_init_adapter_continues_from_the_previous_round(trained, workdir, refere
         torch.testing.assert_close(completion_logps(recipe.model, mb.rows), previous, rtol=1e-4, atol=1e-4)
     # the reference column is the base (adapters off) or the frozen previous adapter
     torch.testing.assert_close(mb.reference_logps, plain if reference == "base" else previous, rtol=1e-4, atol=1e-4)
-    out, _ = recipe.loss(mb, None)
+    out = micro_batch_loss(recipe, mb)
     beta = recipe.config.beta
     torch.testing.assert_close(out.rewards, beta * (previous - (plain if reference == "base" else previous)),
                                rtol=1e-3, atol=1e-4)

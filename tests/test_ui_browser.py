@@ -1,13 +1,15 @@
 """The app in a real browser: headless Debian chromium driven by playwright.
 
-Goes through all four tabs: uploads a file, starts a training and stops it (the stop saves the
-adapter), chats with the result, opens the export tab. A screenshot of each tab goes to
+Goes through the tabs: uploads a file, starts a training and stops it (the stop saves the
+adapter), chats with the result, opens the export tab; and in the Rate tab generates answers, rates
+them with thumbs and a judge, saves them and trains the next round. A screenshot of each tab goes to
 artifacts/screenshots/. Skipped when chromium is not installed, except in CI (CI=true), where
 that is a failure.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,3 +106,41 @@ def test_all_tabs_train_and_stop(tmp_path, page):
         page.get_by_role("button", name="Make the zip").click()
         page.get_by_text("adapter.zip").first.wait_for()
         shot(page, "4-export")
+
+
+def test_rate_answers_save_them_and_train_the_next_round(tmp_path, page):
+    from playwright.sync_api import expect
+    from test_rate_handlers import make_run, save_adapter
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run = make_run(runs, save_adapter(tmp_path / "adapter"))
+    with running_app(runs) as url:
+        page.goto(url, wait_until="load")
+        page.get_by_role("tab", name="Rate").click()
+        page.get_by_label("prompts, one per line").fill("What is 2 + 3?\nWhat is 10 - 4?")
+        page.get_by_role("button", name="Generate answers").click()
+        page.get_by_text(re.compile(r"2 / 2 prompts, 8 answers")).wait_for()
+        page.get_by_label("Like", exact=True).first.click()
+        page.get_by_text("1 liked · 0 disliked · 7 unrated").wait_for()
+        page.get_by_label("Dislike", exact=True).nth(1).click()
+        page.get_by_text("1 liked · 1 disliked · 6 unrated").wait_for()
+        judge = page.get_by_label("judge", exact=True)
+        judge.click()
+        page.get_by_role("option", name=re.compile("demo arithmetic")).click()
+        page.get_by_role("button", name="Rate the answers you did not rate with the judge").click()
+        page.get_by_text(re.compile(r"6 rated by the judge")).wait_for()
+        page.get_by_role("button", name="Add the rated answers to the feedback file").click()
+        page.get_by_text("Added 8 rated answers").wait_for()
+        rows = [json.loads(line) for line in (run / "feedback.jsonl").read_text().splitlines()]
+        assert len(rows) == 8 and rows[0]["label"] is True and rows[1]["label"] is False
+        rated = {"liked": sum(r["label"] for r in rows), "disliked": sum(not r["label"] for r in rows)}
+        page.get_by_role("button", name="▶ Train the next round").click()
+        page.get_by_text(re.compile(r"Started .*-demo-round-2")).wait_for()
+        command = page.get_by_label("command line of the next round")
+        expect(command).to_have_value(re.compile(f"^python -m kto_lite train .*--init_adapter {re.escape(str(run))}"))
+        shot(page, "rate")
+
+        page.get_by_role("tab", name="Data").click()  # the new rows are offered as training data
+        page.get_by_label(re.compile("feedback from the Chat tab")).click()
+        page.get_by_role("option", name=f"{run.name}: {rated['liked']} liked / {rated['disliked']} disliked").wait_for()

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from kto_lite.__main__ import train_config
 from kto_lite.config import ConfigError, TrainConfig
 from kto_lite.demo import DEMO_SAMPLES
 from ui import chat_handlers as ch
@@ -118,7 +119,7 @@ def test_form_values_survive_the_command_line():
     assert config.desirable_weight == "auto" and config.undesirable_weight == 0.5
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.use_chat_template is False
     argv = form.train_argv(config)
-    assert TrainConfig.load(None, argv[3:]) == config  # what the subprocess will parse
+    assert train_config(argv[3:]) == config  # what the subprocess will parse
     assert form.config_to_values(config, specs)[[s.name for s in specs].index("max_steps")] == 3
 
 
@@ -182,6 +183,53 @@ def test_bad_label_names_the_row_without_offering_mapping(tmp_path):
     outputs = handlers.on_upload(str(path))
     assert "line 2" in outputs[2] and "maybe" in outputs[2]
     assert outputs[4]["visible"] is False and outputs[11] is None
+
+
+def test_an_upload_is_named_by_its_own_name_in_errors_and_the_report(tmp_path, runs):
+    bad = tmp_path / "my answers.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "a", "completion": "c", '
+                   '"label": "maybe"}\n')
+    problems = handlers.on_upload(str(bad))[2]
+    assert "my answers.jsonl, line 2" in problems and "_data" not in problems
+    good = tmp_path / "good.jsonl"
+    good.write_text(DEMO_SAMPLES["kto"].read_text())
+    report = handlers.on_upload(str(good))[3]
+    assert report.startswith("file") and "good.jsonl" in report.splitlines()[0] and "_data" not in report
+
+
+def test_long_errors_are_shown_whole_and_wrapped(tmp_path):
+    rows = [{"prompt": f"question {i}", "completion": "answer", "label": f"a label nobody knows, number {i} " * 2}
+            for i in range(30)]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = handlers.on_upload(str(path))[2]
+    assert "```" not in problems  # a code block cuts lines longer than the column instead of wrapping them
+    items = [line for line in problems.splitlines() if line.startswith("- ")]
+    assert len(items) == 21 and "and 10 more lines with problems" in items[-1]  # 20 errors, then the count
+    assert all("labels.jsonl, line" in item for item in items[:20])
+    assert "number 19 a label nobody knows, number 19" in items[19]
+    assert "labels.jsonl, line 1: 'label': unknown label 'a label nobody knows, number 0" in items[0]  # no entities
+
+
+def test_a_near_even_label_split_is_not_a_problem(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": "c", "label": i < 49} for i in range(100)]
+    path = tmp_path / "split.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary, _, problems, *_ = handlers.on_upload(str(path))
+    assert problems == "**Problems:**\nNo problems found."
+    assert "desirable_weight **1**, undesirable_weight **0.961**" in summary  # still told, as information
+    rows = [{"prompt": f"p{i}", "completion": "c", "label": True} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "Only desirable examples" in handlers.on_upload(str(path))[2]  # one-sided data stays a problem
+
+
+def test_the_duplicate_list_says_how_many_were_left_out(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": "c", "label": i % 2 == 0} for i in range(50)] * 2
+    path = tmp_path / "twice.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = handlers.on_upload(str(path))[2]
+    assert "50 example(s) repeat an earlier one exactly" in problems and "1, 51; 2, 52" in problems
+    assert "... and 45 more group(s)" in problems
 
 
 def test_feedback_files_are_offered_as_data(runs):
@@ -356,15 +404,17 @@ def fake_model(monkeypatch):
     return model
 
 
-def _chat(source, side_by_side=False, message="Hello"):
-    return list(ch.chat_send(message, [], [], source, "", side_by_side, "be brief", 0.0, 0.9, 16))
+def _chat(source, side_by_side=False, message="Hello", tuned=(), base=(), turns=None, system="be brief"):
+    return list(ch.chat_send(message, list(tuned), list(base), source, "", side_by_side, system, 0.0, 0.9, 16,
+                             turns))
 
 
 def test_chat_streams_the_tuned_reply(fake_model, runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
     steps = _chat(str(run))
-    box, tuned, base, status = steps[-1]
+    box, tuned, base, status, turns = steps[-1]
     assert tuned[-1] == {"role": "assistant", "content": "tuned says hi"} and base == []
+    assert turns["tuned"][1]["system"] == "be brief"  # what conditioned the reply at index 1
     assert "3 tokens" in status and steps[0][0] == ""
     messages, use_adapter, options = fake_model.calls[0]
     assert messages == [{"role": "user", "content": "Hello"}] and use_adapter
@@ -373,7 +423,7 @@ def test_chat_streams_the_tuned_reply(fake_model, runs):
 
 def test_side_by_side_answers_with_adapters_off_then_on_with_one_seed(fake_model, runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
-    _, tuned, base, _ = _chat(str(run), side_by_side=True)[-1]
+    _, tuned, base, _, _ = _chat(str(run), side_by_side=True)[-1]
     assert base[-1]["content"] == "base says hi" and tuned[-1]["content"] == "tuned says hi"
     (_, first, opts1), (_, second, opts2) = fake_model.calls
     assert (first, second) == (False, True) and opts1["seed"] == opts2["seed"]
@@ -384,7 +434,7 @@ def test_stop_ends_the_reply(fake_model, runs):
     replies = ch.chat_send("Hello", [], [], str(run), "", False, "", 0.7, 0.9, 16)
     next(replies), next(replies)  # loading, first word
     ch.stop_chat()
-    *_, (box, tuned, base, status) = list(replies)
+    *_, (box, tuned, base, status, _) = list(replies)
     assert tuned[-1]["content"] == "tuned" and "Stopped" in status
 
 
@@ -392,11 +442,60 @@ def test_thumbs_on_a_reply_append_a_feedback_row(runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
     history = [{"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]},
                {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]
-    counts = ch.on_like(history, str(run), "", gr.LikeData(None, {"index": 1, "value": "5", "liked": False}))
+    counts = ch.on_like(history, str(run), "", None, "tuned",
+                        gr.LikeData(None, {"index": 1, "value": "5", "liked": False}))
     assert "0 liked / 1 disliked" in counts
     row = json.loads((run / "feedback.jsonl").read_text())
     assert row == {"prompt": "What is 2 + 2?", "completion": "5", "label": False}
-    assert ch.on_like(history, str(run), "", gr.LikeData(None, {"index": 0, "value": "x", "liked": True})) == SKIP
+    like = gr.LikeData(None, {"index": 0, "value": "x", "liked": True})
+    assert ch.on_like(history, str(run), "", None, "tuned", like) == SKIP
+
+
+def _like(index, liked=True):
+    return gr.LikeData(None, {"index": index, "value": "", "liked": liked})
+
+
+def test_feedback_keeps_the_system_prompt_that_conditioned_the_reply(fake_model, runs):
+    from kto_lite.data import encode_prompt, load_data, tokenize
+    from kto_lite.demo import DEMO_MODEL_DIR
+    from kto_lite.model import load_tokenizer
+
+    run = make_run(runs, "20250101-000000-a", adapter=True)
+    _, tuned, _, _, turns = _chat(str(run), system="Answer in one sentence.")[-1]
+    _, tuned, _, _, turns = _chat(str(run), message="Again", tuned=tuned, turns=turns, system="")[-1]
+    ch.on_like(tuned, str(run), "", turns, "tuned", _like(1))  # the reply made with the system prompt
+    ch.on_like(tuned, str(run), "", turns, "tuned", _like(3, False))  # the one made without
+    with_system, without = [json.loads(line) for line in (run / "feedback.jsonl").read_text().splitlines()]
+    system = {"role": "system", "content": "Answer in one sentence."}
+    assert with_system["prompt"] == [system, {"role": "user", "content": "Hello"}]
+    assert without["prompt"][0]["role"] == "user" and len(without["prompt"]) == 3
+    # training sees the ids generation saw: the system prompt is in the prompt tokens
+    tokenizer = load_tokenizer(str(DEMO_MODEL_DIR))
+    examples, _ = load_data(run / "feedback.jsonl")
+    first = tokenize(examples, tokenizer, max_length=None, max_prompt_length=None)[0]
+    assert first.prompt_ids == encode_prompt(with_system["prompt"], tokenizer)
+    assert "Answer in one sentence." in tokenizer.decode(first.prompt_ids)
+
+
+def test_side_by_side_turned_on_mid_conversation_answers_the_earlier_messages(fake_model, runs):
+    run = make_run(runs, "20250101-000000-a", adapter=True)
+    _, tuned, base, _, turns = _chat(str(run), message="Hello")[-1]
+    _, tuned, base, _, turns = _chat(str(run), message="Again", tuned=tuned, base=base, turns=turns)[-1]
+    assert base == []
+    tuned_calls = list(fake_model.calls)
+    steps = list(ch.base_column(str(run), True, tuned, base, turns, "", 0.0, 0.9, 16))
+    base, status, base_turns = steps[-1]
+    assert "earlier message" in steps[0][1] and "tokens in" in status
+    assert [m["content"] for m in base] == ["Hello", "base says hi", "Again", "base says hi"]
+    replayed = fake_model.calls[len(tuned_calls):]
+    assert [use_adapter for _, use_adapter, _ in replayed] == [False, False]
+    # each earlier message is answered with the seed and system prompt of the tuned reply to it, over the
+    # base's own conversation: what the column would hold had side by side been on from the start
+    assert [o["seed"] for *_, o in replayed] == [o["seed"] for *_, o in tuned_calls]
+    assert replayed[1][0] == base[:3] and base_turns["base"] == {1: turns["tuned"][1], 3: turns["tuned"][3]}
+    again = list(ch.base_column(str(run), True, tuned, base, base_turns, "", 0.0, 0.9, 16))
+    assert len(again) == 1 and again[0][0]["value"] == base  # nothing missing: nothing generated
+    assert ch.base_column(str(run), False, tuned, base, turns, "", 0, 0.9, 16).__next__()[0]["visible"] is False
 
 
 def test_base_model_feedback_goes_to_the_runs_feedback_folder(runs):
@@ -441,5 +540,5 @@ def test_app_builds_with_one_tab_per_concern():
 
     demo = build_demo()
     tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert tabs == ["Data", "Train", "Chat", "Export"]
+    assert tabs == ["Data", "Train", "Chat", "Rate", "Export"]
     assert sys.modules["ui.app"].demo is not None

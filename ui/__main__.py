@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ui", description="The kto_lite app: data, training, chat, export.")
+    p = argparse.ArgumentParser(prog="python -m ui", description="The kto_lite app: data, training, chat, rating, export.")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)

@@ -1,6 +1,7 @@
-"""The kto_lite app: Data -> Train -> Chat -> Export, one tab each.
+"""The kto_lite app: Data -> Train -> Chat -> Rate -> Export, one tab each.
 
-Layout and wiring only; the handlers are plain functions in handlers.py and chat_handlers.py, and
+Layout and wiring only; the handlers are plain functions in handlers.py, chat_handlers.py and
+rate_handlers.py, and
 the train form is generated from TrainConfig's fields (form.py). `python -m ui` launches `demo`.
 """
 
@@ -13,6 +14,7 @@ import gradio as gr
 from . import chat_handlers as ch
 from . import form
 from . import handlers as h
+from . import rate_handlers as rh
 
 TIMER_SECONDS = 2.0
 DATA_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".parquet"]
@@ -80,7 +82,7 @@ def _plot(title: str, y_title: str, y_axis_format: str | None = None) -> gr.Line
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="kto_lite") as demo:
         gr.Markdown("# kto_lite\nAlign a model from thumbs-up / thumbs-down feedback with KTO on one GPU: "
-                    "**Data → Train → Chat → Export**.")
+                    "**Data → Train → Chat → Rate → Export**.")
         data_state = gr.State(None)  # what the Train tab trains on (handlers.describe_data)
         source_state = gr.State(None)  # the file last chosen in the Data tab, for column mapping
         progress_sig = gr.State(None)
@@ -165,12 +167,79 @@ def build_demo() -> gr.Blocks:
                 clear = gr.Button("Clear", scale=1)
             chat_status = gr.Markdown()
             feedback_info = gr.Markdown()
+            chat_turns = gr.State(ch.new_turns())  # each reply's system prompt and seed (feedback rows keep them)
             with gr.Accordion("Generation settings", open=False):
                 system_prompt = gr.Textbox(label="system prompt", lines=2)
                 with gr.Row():
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", info="0: greedy")
                     top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
                     max_new = gr.Slider(8, 2048, value=256, step=8, label="max new tokens")
+
+        # ------------------------------------------------------------------ Rate
+        with gr.Tab("Rate", id="rate") as rate_tab:
+            gr.Markdown("Answer prompts several times with a run, rate each answer with the thumbs under it (or "
+                        "let a judge rate them), add the ratings to the run's feedback file, then train the next "
+                        "round from the run's adapter.")
+            with gr.Row():
+                rate_source = gr.Dropdown(choices=ch.chat_choices(), value=None, label="run", scale=3,
+                                          allow_custom_value=True,
+                                          info="Its adapter answers; the ratings go to its feedback file.")
+                rate_base_model = gr.Textbox(label="base model (for 'Base model only')", scale=2,
+                                             placeholder="empty: the built-in demo model")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1):
+                    rate_typed = gr.Textbox(label="prompts, one per line", lines=4,
+                                            placeholder="What is 17 + 25?\nWhat is 40 - 13?")
+                    with gr.Row():
+                        rate_upload = gr.File(label="…or a prompt file (prompt or messages column)",
+                                              file_types=DATA_TYPES, height=130, min_width=200)
+                        rate_sample = gr.Dropdown(choices=rh.prompt_sample_choices(), value=rh.NO_FILE,
+                                                  min_width=200, label="…or a shipped file")
+                    rate_file_info = gr.Markdown()
+                with gr.Column(scale=1):
+                    with gr.Row():
+                        rate_n = gr.Slider(1, rh.MAX_ANSWERS, value=4, step=1, label="answers per prompt")
+                        rate_temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature")
+                    with gr.Row():
+                        rate_seed = gr.Number(0, precision=0, label="seed", info="Same seed: same answers.")
+                        rate_max_prompts = gr.Number(8, precision=0, minimum=1, label="prompts from a file",
+                                                     info="The first ones.")
+                        rate_max_new = gr.Number(64, precision=0, minimum=1, label="max new tokens")
+                    rate_system = gr.Textbox(label="system prompt (optional; kept in the feedback rows)")
+                    with gr.Row():
+                        rate_generate = gr.Button("Generate answers", variant="primary")
+                        rate_stop = gr.Button("Stop", variant="stop")
+            rate_status = gr.Markdown()
+            rate_answers = gr.Chatbot(label="Answers: rate each one with the thumbs under it", height=460,
+                                      group_consecutive_messages=False, buttons=["copy"],
+                                      placeholder="Answers appear here, each with its own thumbs.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        rate_judge = gr.Dropdown(choices=rh.JUDGES, value="exact", allow_custom_value=True,
+                                                 label="judge", scale=3, info="exact, contains, number, "
+                                                 "regex:PATTERN or python:module:function")
+                        rate_reference = gr.Textbox(label="reference column", scale=2,
+                                                    placeholder="answer, reference, target or solution")
+                        rate_threshold = gr.Textbox(label="threshold", scale=1, placeholder="none",
+                                                    info="For python judges returning a score.")
+                    rate_judge_button = gr.Button("Rate the answers you did not rate with the judge", size="sm")
+                with gr.Column(scale=2):
+                    rate_counts = gr.Markdown()
+                    rate_save = gr.Button("Add the rated answers to the feedback file", variant="primary")
+            gr.Markdown("### Train the next round\n`python -m kto_lite train` with the run's settings, its "
+                        "feedback file as data and `--init_adapter RUN`: training continues from the run's adapter.")
+            with gr.Row(equal_height=False):
+                rate_epochs = gr.Number(0, precision=None, minimum=0, label="epochs", info="0: as the run.")
+                rate_reference_model = gr.Radio(["base", "init_adapter"], value="base", label="KTO reference",
+                                                info="base: adapters off. init_adapter: the run's frozen adapter "
+                                                "(iterative KTO).")
+                rate_train = gr.Button("▶ Train the next round", variant="primary", scale=0, min_width=220)
+            rate_train_message = gr.Markdown()
+            rate_command = gr.Textbox(label="command line of the next round", lines=2, max_lines=6,
+                                      interactive=False)
+            rate_batch = gr.State(None)  # the answers and their ratings (rate_handlers module docstring)
+            rate_file = gr.State(None)  # the prompt file chosen, with its prompts
 
         # ------------------------------------------------------------------ Export
         with gr.Tab("Export", id="export") as export_tab:
@@ -218,21 +287,45 @@ def build_demo() -> gr.Blocks:
         run_pick.input(h.progress, [run_pick, gr.State(None)], progress_outputs, api_name="train_progress")
 
         source.change(ch.source_changed, [source, side_by_side],
-                      [tuned_chat, base_chat, feedback_info], api_visibility="private")
-        side_by_side.change(ch.base_column, [source, side_by_side], base_chat, api_visibility="private")
+                      [tuned_chat, base_chat, feedback_info, chat_turns], api_visibility="private")
         chat_inputs = [box, tuned_chat, base_chat, source, base_model, side_by_side, system_prompt, temperature,
-                       top_p, max_new]
-        chat_outputs = [box, tuned_chat, base_chat, chat_status]
+                       top_p, max_new, chat_turns]
+        chat_outputs = [box, tuned_chat, base_chat, chat_status, chat_turns]
         sending = [send.click(ch.chat_send, chat_inputs, chat_outputs, api_name="chat", concurrency_limit=1,
                                concurrency_id="chat"),
                    box.submit(ch.chat_send, chat_inputs, chat_outputs, api_visibility="private",
-                              concurrency_limit=1, concurrency_id="chat")]
+                              concurrency_limit=1, concurrency_id="chat"),
+                   side_by_side.change(ch.base_column, [source, side_by_side, tuned_chat, base_chat, chat_turns,
+                                                        base_model, temperature, top_p, max_new],
+                                       [base_chat, chat_status, chat_turns], api_visibility="private",
+                                       concurrency_limit=1, concurrency_id="chat")]
         chat_stop.click(ch.stop_chat, None, chat_status, cancels=sending, api_visibility="private")
-        clear.click(ch.clear_chat, None, [tuned_chat, base_chat, chat_status], api_visibility="private")
-        for chatbot in (tuned_chat, base_chat):
-            chatbot.like(ch.on_like, [chatbot, source, base_model], feedback_info, api_visibility="private")
+        clear.click(ch.clear_chat, None, [tuned_chat, base_chat, chat_status, chat_turns], api_visibility="private")
+        for chatbot, column in ((tuned_chat, "tuned"), (base_chat, "base")):
+            chatbot.like(ch.on_like, [chatbot, source, base_model, chat_turns, gr.State(column)], feedback_info,
+                         api_visibility="private")
         gr.api(ch.api_record_feedback, api_name="record_feedback")
         chat_tab.select(ch.refresh_chat_choices, source, source, api_visibility="private")
+
+        rate_tab.select(ch.refresh_chat_choices, rate_source, rate_source, api_visibility="private")
+        rate_source.change(rh.feedback_line, [rate_source, rate_base_model], rate_counts, api_visibility="private")
+        rate_upload.upload(rh.on_prompt_upload, rate_upload, [rate_file, rate_file_info], api_visibility="private")
+        rate_upload.clear(lambda: (None, ""), None, [rate_file, rate_file_info], api_visibility="private")
+        rate_sample.input(rh.on_prompt_sample, rate_sample, [rate_file, rate_file_info], api_visibility="private")
+        generating = rate_generate.click(
+            rh.generate, [rate_source, rate_base_model, rate_typed, rate_file, rate_max_prompts, rate_n,
+                          rate_temperature, rate_seed, rate_max_new, rate_system],
+            [rate_answers, rate_status, rate_batch], api_name="rate_generate", concurrency_limit=1,
+            concurrency_id="chat")
+        generating.then(rh.counts, rate_batch, rate_counts, api_visibility="private")
+        rate_stop.click(lambda: "■ Stopped.", None, rate_status, cancels=[generating], api_visibility="private")
+        rate_answers.like(rh.on_rate, rate_batch, [rate_batch, rate_counts], api_visibility="private")
+        rate_judge_button.click(rh.judge_answers, [rate_batch, rate_judge, rate_reference, rate_threshold],
+                                [rate_answers, rate_counts, rate_batch], api_name="rate_judge")
+        rate_save.click(rh.save_ratings, rate_batch, [rate_counts, rate_batch], api_name="rate_save")
+        rate_train.click(rh.train_next_round, [rate_source, rate_base_model, rate_batch, rate_epochs,
+                                               rate_reference_model], [rate_train_message, rate_command],
+                         api_name="train_next_round", concurrency_limit=1)
 
         export_tab.select(ch.export_choices, export_run, export_run, api_visibility="private")
         export_run.change(ch.merge_notice, export_run, merge_info, api_visibility="private").then(

@@ -64,12 +64,7 @@ def source_changed(source: str | None, side_by_side: bool):
     """New source: clear both conversations, label the columns, show the feedback counts."""
     label = "Tuned (adapter on)" if source not in (None, BASE) else "Base model"
     base = gr.update(value=[], visible=_side_by_side(source, side_by_side))
-    return gr.update(value=[], label=label), base, feedback_summary(source)
-
-
-def base_column(source: str | None, side_by_side: bool):
-    """The base-model column shows in side-by-side mode, when there is an adapter to compare with."""
-    return gr.update(visible=_side_by_side(source, side_by_side))
+    return gr.update(value=[], label=label), base, feedback_summary(source), new_turns()
 
 
 def _side_by_side(source: str | None, side_by_side: bool) -> bool:
@@ -77,7 +72,16 @@ def _side_by_side(source: str | None, side_by_side: bool) -> bool:
 
 
 def clear_chat():
-    return [], [], ""
+    return [], [], "", new_turns()
+
+
+def new_turns() -> dict:
+    """What conditioned each reply, by column and message index: {"system": str | None, "seed": int}.
+
+    Kept beside the chat (a gr.State) because the Chatbot holds only the visible messages: a thumbs
+    up needs the system prompt the reply was generated with, which may have changed since.
+    """
+    return {"tuned": {}, "base": {}}
 
 
 # ---------------------------------------------------------------------- chatting
@@ -88,14 +92,18 @@ def _messages(history) -> list[dict]:
 
 
 def chat_send(message: str, tuned_history, base_history, source: str, base_model: str, side_by_side: bool,
-              system_prompt: str, temperature: float, top_p: float, max_new_tokens: int):
-    """Stream a reply (or two: base then tuned, in side-by-side mode). Yields (box, tuned, base, status)."""
+              system_prompt: str, temperature: float, top_p: float, max_new_tokens: int, turns: dict | None = None):
+    """Stream a reply (or two: base then tuned, in side-by-side mode).
+
+    Yields (box, tuned, base, status, turns); `turns` records each reply's system prompt and seed.
+    """
     tuned_history, base_history = _messages(tuned_history), _messages(base_history)
+    turns = _copy_turns(turns)
     if not (message or "").strip():
-        yield gr.skip(), gr.skip(), gr.skip(), "Type a message first."
+        yield gr.skip(), gr.skip(), gr.skip(), "Type a message first.", gr.skip()
         return
     if not source:
-        yield gr.skip(), gr.skip(), gr.skip(), "Choose a model first."
+        yield gr.skip(), gr.skip(), gr.skip(), "Choose a model first.", gr.skip()
         return
     _STOP.clear()
     user = {"role": "user", "content": message}
@@ -103,29 +111,101 @@ def chat_send(message: str, tuned_history, base_history, source: str, base_model
     both = _side_by_side(source, side_by_side)
     if both:
         base_history.append(user)
-    yield "", tuned_history, base_history, "Loading the model (once; it stays loaded)..."
+    yield "", tuned_history, base_history, "Loading the model (once; it stays loaded)...", gr.skip()
     try:
         model = get_chat_model(source, base_model)
     except (OSError, ValueError, RuntimeError) as e:
         tuned_history.pop()
-        yield message, tuned_history, base_history, f"**Error:** could not load the model: {e}"
+        if both:
+            base_history.pop()
+        yield message, tuned_history, base_history, f"**Error:** could not load the model: {e}", gr.skip()
         return
-    seed = random.randrange(2**31)  # one seed for both sides: differences come from the adapter, not sampling
-    options = dict(system_prompt=(system_prompt or "").strip() or None, temperature=float(temperature),
-                   top_p=float(top_p), max_new_tokens=int(max_new_tokens), stop_event=_STOP, seed=seed)
-    sides = [(base_history, False), (tuned_history, True)] if both else [(tuned_history, model.has_adapter)]
-    for history, use_adapter in sides:
+    # one seed for both sides: differences come from the adapter, not from sampling
+    turn = {"system": (system_prompt or "").strip() or None, "seed": random.randrange(2**31)}
+    options = _options(turn, temperature, top_p, max_new_tokens)
+    sides = [("base", base_history, False), ("tuned", tuned_history, True)] if both else \
+        [("tuned", tuned_history, model.has_adapter)]
+    for column, history, use_adapter in sides:
         prompt = list(history)
+        turns[column][len(history)] = turn
         history.append({"role": "assistant", "content": ""})
         for text in model.stream(prompt, use_adapter=use_adapter, **options):
             history[-1]["content"] = text
-            yield gr.skip(), tuned_history, base_history, "Generating..."
+            yield gr.skip(), tuned_history, base_history, "Generating...", turns
         if _STOP.is_set():
             break
+    yield gr.skip(), tuned_history, base_history, _done(model), turns
+
+
+def base_column(source: str | None, side_by_side: bool, tuned_history, base_history, turns: dict | None,
+                base_model: str, temperature: float, top_p: float, max_new_tokens: int):
+    """Side by side switched on or off. Yields (base column, status, turns).
+
+    Turned on after some messages, the base column answers them too, one by one, each with the seed
+    and system prompt of the tuned reply to the same message: the column then holds what it would
+    hold had side by side been on from the start (the base's own replies, not the tuned ones).
+    """
+    if not _side_by_side(source, side_by_side):
+        yield gr.update(visible=False), gr.skip(), gr.skip()
+        return
+    tuned, base = _messages(tuned_history), _messages(base_history)
+    turns = _copy_turns(turns)
+    base = _answered_prefix(base, tuned)
+    missing = [i for i, m in enumerate(tuned) if m["role"] == "user"][sum(m["role"] == "user" for m in base):]
+    if not missing:
+        yield gr.update(visible=True, value=base), gr.skip(), turns
+        return
+    _STOP.clear()
+    status = f"Answering the {len(missing)} earlier message(s) with the base model (adapters off)..."
+    yield gr.update(visible=True, value=base), status, gr.skip()
+    try:
+        model = get_chat_model(source, base_model)
+    except (OSError, ValueError, RuntimeError) as e:
+        yield gr.skip(), f"**Error:** could not load the model: {e}", gr.skip()
+        return
+    for user_index in missing:
+        reply = tuned[user_index + 1] if user_index + 1 < len(tuned) else None
+        turn = (turns["tuned"].get(user_index + 1) if reply and reply["role"] == "assistant" else None) or \
+            {"system": None, "seed": random.randrange(2**31)}  # a turn the tuned side never answered
+        base.append(tuned[user_index])
+        prompt = list(base)
+        turns["base"][len(base)] = turn
+        base.append({"role": "assistant", "content": ""})
+        for text in model.stream(prompt, use_adapter=False, **_options(turn, temperature, top_p, max_new_tokens)):
+            base[-1]["content"] = text
+            yield base, status, turns
+        if _STOP.is_set():
+            break
+    yield base, _done(model), turns
+
+
+def _answered_prefix(base: list[dict], tuned: list[dict]) -> list[dict]:
+    """The base conversation, kept only while its user messages are the tuned side's first ones
+    (Clear, or messages sent with side by side off, make it stale), and without an unanswered end."""
+    users = [m["content"] for m in tuned if m["role"] == "user"]
+    base_users = [m["content"] for m in base if m["role"] == "user"]
+    if base_users != users[:len(base_users)]:
+        return []
+    while base and base[-1]["role"] != "assistant":
+        base = base[:-1]
+    return base
+
+
+def _options(turn: dict, temperature: float, top_p: float, max_new_tokens: int) -> dict:
+    return dict(system_prompt=turn["system"], seed=turn["seed"], temperature=float(temperature),
+                top_p=float(top_p), max_new_tokens=int(max_new_tokens), stop_event=_STOP)
+
+
+def _done(model) -> str:
     stats = model.last_stats
-    status = "■ Stopped." if _STOP.is_set() else (
-        f"{stats.get('new_tokens', 0)} tokens in {stats.get('seconds', 0):.1f} s" if stats else "")
-    yield gr.skip(), tuned_history, base_history, status
+    if _STOP.is_set():
+        return "■ Stopped."
+    return f"{stats.get('new_tokens', 0)} tokens in {stats.get('seconds', 0):.1f} s" if stats else ""
+
+
+def _copy_turns(turns: dict | None) -> dict:
+    turns = turns or new_turns()
+    return {"tuned": dict(turns.get("tuned", {})), "base": dict(turns.get("base", {}))}
 
 
 def stop_chat() -> str:
@@ -168,15 +248,23 @@ def api_record_feedback(source: str, base_model: str, prompt: str, completion: s
     return record_feedback(source, base_model, prompt, completion, liked)
 
 
-def on_like(history, source: str, base_model: str, evt: gr.LikeData) -> str:
-    """A thumbs up / down on a reply: the conversation before it is the prompt, the reply the completion."""
+def on_like(history, source: str, base_model: str, turns: dict | None, column: str, evt: gr.LikeData) -> str:
+    """A thumbs up / down on a reply: the conversation before it is the prompt, the reply the completion.
+
+    A reply generated with a system prompt keeps it: the prompt is then stored as messages starting
+    with that system message, so training conditions on what the reply was conditioned on.
+    """
     messages = _messages(history)
     index = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
     if not isinstance(evt.liked, bool) or not 0 <= index < len(messages):  # un-rating: nothing to record
         return gr.skip()
     if messages[index]["role"] != "assistant":
         return gr.skip()
-    return record_feedback(source, base_model, messages[:index], messages[index]["content"], evt.liked)
+    prompt = [m for m in messages[:index] if m["role"] != "system"]
+    system = ((turns or {}).get(column) or {}).get(index, {}).get("system")
+    if system:
+        prompt = [{"role": "system", "content": system}] + prompt
+    return record_feedback(source, base_model, prompt, messages[index]["content"], evt.liked)
 
 
 # ---------------------------------------------------------------------- Export tab

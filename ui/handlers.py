@@ -7,10 +7,12 @@ with `kto_lite.data.load_data`, settings become a `TrainConfig`, and training is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +100,38 @@ def _preview(examples) -> list[list]:
 def _summary(name: str, report) -> str:
     total = max(report.rows_out, 1)
     fmt = FORMATS.get(report.data_format, report.data_format) + (", chat messages" if report.conversational else "")
+    weights = (report.desirable_weight, report.undesirable_weight)
+    advice = " (the labels are balanced)" if weights == (1.0, 1.0) else \
+        ": they balance the two labels' share of the loss (use the button below, or set both to `auto`)"
     return (
         f"### {html.escape(name)}\n"
         f"- format: {fmt}\n"
         f"- **{report.rows_out} examples** (from {report.rows_in} {report.row_unit}s): "
         f"**{report.n_desirable} desirable** ({100 * report.n_desirable / total:.0f}%), "
         f"**{report.n_undesirable} undesirable** ({100 * report.n_undesirable / total:.0f}%)\n"
-        f"- suggested weights (KTO paper, eq. 8): desirable_weight **{report.desirable_weight:.3g}**, "
-        f"undesirable_weight **{report.undesirable_weight:.3g}**"
+        f"- suggested weights (KTO paper, eq. 8): desirable_weight **{weights[0]:.3g}**, "
+        f"undesirable_weight **{weights[1]:.3g}**{advice}"
     )
+
+
+def _problems(report) -> list[str]:
+    """The report's warnings, less the label balance: the suggested weights (shown in the summary)
+    take care of any split, so a 49/51 split is information, not a problem. One-sided data stays."""
+    balanced = dataclasses.replace(report, desirable_weight=1.0, undesirable_weight=1.0)
+    balanced.refresh()  # the same warnings, without the one the weights caused
+    return [w for w in report.warnings if w in balanced.warnings]
+
+
+def _markdown_text(text: str) -> str:
+    """Plain text shown as Markdown: the characters Markdown would interpret, then HTML's <, > and &
+    escaped (in this order: a backslash before the # of an HTML entity would show the entity)."""
+    return html.escape(re.sub(r"([\\`*_\[\]#|~])", r"\\\1", text), quote=False)
+
+
+def _error_markdown(error: Exception, path: str | Path, shown: str) -> str:
+    """A DataError as wrapped Markdown (a code block cuts long lines), naming the file as the user knows it."""
+    text = str(error).replace(str(Path(path)), shown)
+    return "\n".join(f"- {_markdown_text(line)}" for line in text.splitlines())
 
 
 def _data_outputs(summary="", rows=(), problems="", report="", mapping=False, boxes=None, state=None) -> tuple:
@@ -116,18 +141,21 @@ def _data_outputs(summary="", rows=(), problems="", report="", mapping=False, bo
     return (summary, list(rows), problems, report, gr.update(visible=mapping), *boxes, state)
 
 
-def describe_data(path: str | Path | None, name: str, column_map: dict | None = None) -> tuple:
+def describe_data(path: str | Path | None, name: str, column_map: dict | None = None,
+                  shown: str | None = None) -> tuple:
     """Read a data file and describe it for the Data tab (outputs as `_data_outputs`).
 
-    The state output is what the Train tab trains on: {"path", "name", "rows", "n_desirable",
+    `shown` is how messages name the file (an upload: the name the user gave it, not where it is
+    kept). The state output is what the Train tab trains on: {"path", "name", "rows", "n_desirable",
     "n_undesirable", "weights"}, or None when the file cannot be used.
     """
     if not path:
         return _data_outputs("No data yet: upload a file or pick a sample.")
+    shown = shown or str(path)
     try:
         examples, report = load_data(path, column_map or None)
     except DataError as e:
-        problem = f"### Cannot use this file\n\n```\n{e}\n```"
+        problem = f"### Cannot use this file\n\n{_error_markdown(e, path, shown)}"
         if e.row is not None or not isinstance(e.value, list):  # a bad row, not unknown columns
             return _data_outputs(problems=problem)
         columns = e.value  # DataError's value for undetectable columns: the columns found
@@ -137,10 +165,11 @@ def describe_data(path: str | Path | None, name: str, column_map: dict | None = 
         return _data_outputs(problems=problem, mapping=True, boxes=boxes)
     if column_map:  # the trainer reads files, not column maps: save the mapped examples as format 1
         path = _write_mapped(examples, Path(path), column_map)
-    problems = "\n".join(f"- {w}" for w in report.warnings) or "No problems found."
+    problems = "\n".join(f"- {_markdown_text(w)}" for w in _problems(report)) or "No problems found."
     state = {"path": str(path), "name": name, "rows": report.rows_out, "n_desirable": report.n_desirable,
              "n_undesirable": report.n_undesirable,
              "weights": [report.desirable_weight, report.undesirable_weight]}
+    report.path = shown
     return _data_outputs(_summary(name, report), _preview(examples), "**Problems:**\n" + problems,
                          report.format(), boxes=[gr.skip()] * len(MAP_TARGETS), state=state)
 
@@ -160,8 +189,9 @@ def on_upload(file_path: str | None):
     if not file_path:
         return (*describe_data(None, ""), None)
     # The upload's name is only shown (escaped); where the file is kept comes from its content.
-    source = {"path": str(stage_file(file_path)), "name": f"{Path(file_path).name} (uploaded)"}
-    return (*describe_data(source["path"], source["name"]), source)
+    shown = Path(file_path).name
+    source = {"path": str(stage_file(file_path)), "name": f"{shown} (uploaded)", "shown": shown}
+    return (*describe_data(source["path"], source["name"], shown=shown), source)
 
 
 def on_sample(choice: str | None):
@@ -172,8 +202,10 @@ def on_sample(choice: str | None):
 
 def on_feedback_file(choice: str | None):
     path = feedback_files().get(choice or "")
-    source = {"path": str(stage_file(path, "feedback-")), "name": f"feedback of {choice}"} if path else None
-    return (*describe_data(source and source["path"], source and source["name"]), source)
+    if not path:
+        return (*describe_data(None, ""), None)
+    source = {"path": str(stage_file(path, "feedback-")), "name": f"feedback of {choice}", "shown": str(path)}
+    return (*describe_data(source["path"], source["name"], shown=source["shown"]), source)
 
 
 def on_map_columns(source: dict | None, *targets: str):
@@ -182,7 +214,7 @@ def on_map_columns(source: dict | None, *targets: str):
         return _data_outputs("No data yet: upload a file or pick a sample.")
     column_map = {col: target for target, col in zip(MAP_TARGETS, targets, strict=True)
                   if col and col != NOT_IN_FILE}
-    return describe_data(source["path"], source["name"], column_map)
+    return describe_data(source["path"], source["name"], column_map, shown=source.get("shown"))
 
 
 def refresh_feedback_choices(current: str | None):
