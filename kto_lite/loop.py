@@ -21,6 +21,7 @@ stopped (finished rounds are kept, a round's sampling and training resume), and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -33,7 +34,7 @@ import torch
 import yaml
 
 from . import cli
-from .config import TrainConfig
+from .config import REFERENCES, TrainConfig
 from .evaluate import INTERVAL, evaluate_one
 from .judges import Judge
 from .run_dir import checkpoints, read_status
@@ -63,6 +64,9 @@ class LoopArgs:
     eval_n: int
     sample_batch_size: int = 32
     eval_judge: str | None = None  # None: the sampling judge
+    # base | init_adapter, for rounds that start from an adapter (None: the config's `reference`). Here,
+    # not only in the config, because a config cannot say init_adapter before there is an adapter.
+    reference: str | None = None
 
 
 def round_dir(config: TrainConfig, r: int) -> Path:
@@ -91,38 +95,36 @@ def run_loop(config: TrainConfig, args: LoopArgs, *, show_progress: bool = True,
 
 def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_prompts: Prompts,
            eval_prompts: Prompts, judge: Judge, show_progress: bool) -> dict:
+    """Sample, judge, train and evaluate round r, or continue it; its row of the table."""
     folder = round_dir(config, r)
-    record_path = folder / "round.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
+    if (folder / "round.json").is_file():
+        return json.loads((folder / "round.json").read_text())
     previous = str(round_dir(config, r - 1)) if r > 1 else config.init_adapter
-    staging = Path(config.output_dir) / f".round-{r}-samples"
+    reference = _reference(config, args, previous)
+    staging = Path(config.output_dir) / f".round-{r}-samples"  # train() wants output_dir to itself
     seconds: dict[str, float] = {}
     if not _trained(folder):
         start = time.perf_counter()
-        loaded = state.get(previous)
-        sampling = dataclasses.replace(args.sampling, seed=config.seed + r)
-        sample_to_file(loaded, previous, train_prompts, staging / "samples.jsonl",
-                       sampling, batch_size=args.sample_batch_size, show_progress=show_progress)
+        sampling = dataclasses.replace(args.sampling, seed=config.seed + r)  # fresh draws every round
+        sample_to_file(state.get(previous), previous, train_prompts, staging / "samples.jsonl", sampling,
+                       batch_size=args.sample_batch_size, show_progress=show_progress)
         seconds["sample"] = time.perf_counter() - start
         state.free()  # training loads its own copy of the base
         start = time.perf_counter()
-        _train_round(config, folder, staging / "samples.jsonl", previous, show_progress)
+        _train_round(config, folder, staging / "samples.jsonl", previous, reference, show_progress)
         seconds["train"] = time.perf_counter() - start
         _move_samples(staging, folder)
     start = time.perf_counter()
-    loaded = state.get(str(folder))
-    result, rows = evaluate_one(loaded, str(folder), eval_prompts, judge,
-                                _eval_args(config, args), batch_size=args.sample_batch_size,
-                                show_progress=show_progress)
+    result, rows = evaluate_one(state.get(str(folder)), str(folder), eval_prompts, judge, _eval_args(config, args),
+                                batch_size=args.sample_batch_size, show_progress=show_progress)
     _write_jsonl(folder / "eval_samples.jsonl", rows)
     seconds["evaluate"] = time.perf_counter() - start
     summary = summarize(folder / "samples.jsonl")
-    record = {"round": r, "adapter": str(folder), "init_adapter": previous, "reference": _reference(config, previous),
+    record = {"round": r, "adapter": str(folder), "init_adapter": previous, "reference": reference,
               **_result_fields(result), "samples": summary["samples"], "desirable": summary["desirable"],
               "desirable_share": summary["desirable_share"], "judge_failures_in_samples": len(summary["failures"]),
-              "seconds": seconds}
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
+              "seconds": seconds}  # this invocation's: a round continued after a crash shows the rest only
+    (folder / "round.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -133,9 +135,9 @@ def _base_row(config: TrainConfig, args: LoopArgs, state: _Models, eval_prompts:
     if path.is_file():
         return json.loads(path.read_text())
     start = time.perf_counter()
-    loaded = state.get(config.init_adapter)
-    result, rows = evaluate_one(loaded, config.init_adapter, eval_prompts, judge, _eval_args(config, args),
-                                batch_size=args.sample_batch_size, show_progress=show_progress)
+    result, rows = evaluate_one(state.get(config.init_adapter), config.init_adapter, eval_prompts, judge,
+                                _eval_args(config, args), batch_size=args.sample_batch_size,
+                                show_progress=show_progress)
     _write_jsonl(Path(config.output_dir) / "round-0.eval_samples.jsonl", rows)
     record = {"round": 0, "adapter": config.init_adapter, **_result_fields(result),
               "seconds": {"evaluate": time.perf_counter() - start}}
@@ -143,13 +145,14 @@ def _base_row(config: TrainConfig, args: LoopArgs, state: _Models, eval_prompts:
     return record
 
 
-def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str | None, show_progress: bool):
+def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str | None, reference: str,
+                 show_progress: bool):
     from .train import train
 
     resume = folder.exists() and bool(checkpoints(folder))
     round_config = dataclasses.replace(
         config, data=str(samples), output_dir=str(folder), init_adapter=previous,
-        reference=_reference(config, previous), resume_from_checkpoint=resume,
+        reference=reference, resume_from_checkpoint=resume,
         overwrite_output_dir=folder.exists() and not resume)  # a round that failed before its first checkpoint
     train(round_config, show_progress=show_progress)
     status = read_status(folder) or {}
@@ -158,8 +161,10 @@ def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str
                           f"{status.get('step', '?')}; rerun the same command to continue")
 
 
-def _reference(config: TrainConfig, previous: str | None) -> str:
-    return config.reference if previous else "base"  # round 1 from the base has no adapter to refer to
+def _reference(config: TrainConfig, args: LoopArgs, previous: str | None) -> str:
+    if not previous:
+        return "base"  # round 1 from the base has no adapter to refer to
+    return args.reference or config.reference
 
 
 def _trained(folder: Path) -> bool:
@@ -240,7 +245,8 @@ def _check_loop_folder(config: TrainConfig, args: LoopArgs, train_prompts: Promp
     meta = {"config": {k: v for k, v in config.to_dict().items() if k not in ("resume_from_checkpoint",
                                                                            "overwrite_output_dir")},
             "prompts_sha256": train_prompts.fingerprint(), "eval_prompts_sha256": eval_prompts.fingerprint(),
-            "sampling": asdict(args.sampling), "eval_n": args.eval_n, "eval_judge": args.eval_judge}
+            "sampling": asdict(args.sampling), "eval_n": args.eval_n, "eval_judge": args.eval_judge,
+            "reference": args.reference}
     path = out / "loop.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -259,6 +265,23 @@ def _check_loop_folder(config: TrainConfig, args: LoopArgs, train_prompts: Promp
 # --------------------------------------------------------------------------- command line
 
 
+def _loop_config(args) -> tuple[TrainConfig, str]:
+    """The config file plus flags, with `reference` taken out: for a loop it says what rounds that start
+    from an adapter refer to, which a config cannot say for round 1 before there is an adapter."""
+    overrides = cli.config_overrides(args)
+    reference = overrides.pop("reference", None)
+    if reference is None and args.config and Path(args.config).is_file():
+        with contextlib.suppress(yaml.YAMLError, AttributeError):  # TrainConfig.load reports a bad file
+            reference = yaml.safe_load(Path(args.config).read_text()).get("reference")
+    reference = reference or "base"
+    if reference not in REFERENCES:
+        raise cli.UsageError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    config = TrainConfig.load(args.config, {**overrides, "reference": "base"})
+    if config.data:
+        raise cli.UsageError("`data` is made by the loop (each round's samples); remove it from the config")
+    return config, reference
+
+
 def main(argv: list[str]) -> int:
     parser = cli.Parser("loop", __doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="a training config (YAML); `data` is made by each round")
@@ -274,14 +297,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        config = TrainConfig.load(args.config, cli.config_overrides(args))
-        if config.data:
-            raise cli.UsageError(f"{args.config}: `data` is made by the loop (each round's samples); remove it")
+        config, reference = _loop_config(args)
         if args.rounds < 1 or (args.eval_n is not None and args.eval_n < 1) or args.sample_batch_size < 1:
             raise cli.UsageError("--rounds, --eval_n and --sample_batch_size must be at least 1")
         args.seed = config.seed
         loop_args = LoopArgs(args.rounds, args.prompts, args.eval_prompts, sample_args(args),
-                             args.eval_n or args.n, args.sample_batch_size, args.eval_judge)
+                             args.eval_n or args.n, args.sample_batch_size, args.eval_judge, reference)
         print(f"interval: {INTERVAL}")
         try:
             run_loop(config, loop_args)

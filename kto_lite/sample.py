@@ -133,8 +133,9 @@ def _adapter_hash(adapter: str | None) -> str | None:
 def resume_point(out: Path, meta: dict, n: int) -> int:
     """The first prompt index to sample. Writes the meta file for a new job; checks it for an old one.
 
-    Rows are appended prompt by prompt, failed ones first; a prompt whose n rows are not all there
-    (killed mid-prompt, or a line cut short) is removed from both files and sampled again.
+    Rows are appended prompt by prompt (to `out`, or to the failed file when the judge could not label
+    them); the first prompt whose n rows are not all there (killed mid-prompt, or a line cut short), and
+    anything after it, is removed from both files and sampled again.
     """
     meta_path, failed_path = side_files(out)
     if not out.exists() and not meta_path.exists():
