@@ -127,15 +127,16 @@ class Recipe:
         self.eval_split = Split(tokenize(eval_examples, self.tokenizer, **lengths)) if eval_examples else None
         if not self.train_split.examples:
             raise ValueError(f"{cfg.data}: no usable example left after tokenization (see data_report.json)")
-        for name in ("desirable_weight", "undesirable_weight"):
-            if getattr(cfg, name) == "auto":  # the report's suggestion for the examples kept (paper eq. 8)
-                setattr(cfg, name, float(getattr(report, name)))
+        auto = [name for name in ("desirable_weight", "undesirable_weight") if getattr(cfg, name) == "auto"]
+        for name in auto:  # the report's suggestion for the examples kept (paper eq. 8)
+            setattr(cfg, name, float(getattr(report, name)))
         if self.accelerator.is_main_process:
             report.save(run.path / "data_report.json")
             cfg.save(run.path / "config.yaml")
             self.tokenizer.save_pretrained(run.path)
         for warning in report.warnings:
-            self.accelerator.print(f"data warning: {warning}")
+            if not (len(auto) == 2 and warning.startswith("Labels are imbalanced")):  # already balanced: nothing to do
+                self.accelerator.print(f"data warning: {warning}")
 
         # model: 4-bit base + LoRA; the same object is the reference with its adapters off
         run.status("running", phase="loading model")
