@@ -19,7 +19,7 @@ import torch
 
 from .batching import Rows, collate
 from .head import output_head
-from .packing import efficient_packing, use_segment_attention
+from .packing import efficient_packing, segment_masks, use_segment_attention
 
 _packing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed == padded on it
 
@@ -33,8 +33,9 @@ def _hidden_states(base, rows: Rows) -> torch.Tensor:
     """The body's last hidden states, (B, T, H); packed rows get position ids and no mask."""
     if rows.packed:
         use_segment_attention(base)  # sdpa/eager: attend sequence by sequence, not over the whole pack
-    return base.get_decoder()(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
-                              position_ids=rows.position_ids, use_cache=False).last_hidden_state
+    with segment_masks(rows.position_ids):  # packed: masks of the diagonal blocks only
+        return base.get_decoder()(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
+                                  position_ids=rows.position_ids, use_cache=False).last_hidden_state
 
 
 def completion_logps(model, rows: Rows, chunk_size: int | None = None) -> torch.Tensor:
@@ -47,14 +48,15 @@ def completion_logps(model, rows: Rows, chunk_size: int | None = None) -> torch.
     head = output_head(base)  # raises UnsupportedHead for a head we would get wrong
     hidden = _hidden_states(base, rows)  # (B, T, H)
 
-    same_sequence = rows.sequence_index[:, 1:] == rows.sequence_index[:, :-1]
+    index = rows.sequence_index[:, 1:]  # (B, T-1) sequence of each predicted token; -1 on padding
+    same_sequence = (index == rows.sequence_index[:, :-1]) & (index >= 0)
     scored = rows.completion_mask[:, 1:].bool() & same_sequence  # (B, T-1): which next-token predictions count
     positions = torch.nonzero(scored, as_tuple=True)
     hidden = hidden[:, :-1][positions]  # (M, H), M = completion tokens in the batch
     targets = rows.input_ids[:, 1:][positions]  # (M,)
     token_logps = head.token_logps(hidden, targets, chunk_size)  # (M,)
     sums = torch.zeros(rows.n_sequences, dtype=torch.float32, device=rows.input_ids.device)
-    return sums.index_add(0, rows.sequence_index[:, 1:][positions], token_logps)  # (n_sequences,)
+    return sums.index_add(0, index[positions], token_logps.float())  # (n_sequences,)
 
 
 def supports_packing(model) -> bool:

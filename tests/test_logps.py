@@ -173,3 +173,46 @@ def test_a_model_without_packed_masks_gets_the_padded_path():
         packed = completion_logps(bloom, collate(prompts, completions, 0, packed=True))
     assert (packed[0] - padded[0]).abs() < 1e-5  # the first sequence has nothing before it to see...
     assert (packed[1:3] - padded[1:3]).abs().max() > 1e-4  # ...the others see their neighbours: the padded path
+
+
+def test_reference_pass_packs_short_rows_into_fewer_passes(model_dirs, monkeypatch):
+    """compute_reference_logps: packed, token-budgeted passes give the padded per-row numbers, in fewer passes."""
+    from kto_lite import reference
+
+    model = trainer_model(model_dirs["llama"], True)
+    prompts, completions = sequences(prompts=(5, 9, 2, 4, 30, 3), completions=(7, 3, 11, 0, 2, 1))
+    seqs = list(zip(prompts, completions))
+    passes = []
+    real = reference.completion_logps
+    monkeypatch.setattr(reference, "completion_logps", lambda m, rows: passes.append(rows) or real(m, rows))
+    values = reference.compute_reference_logps(model, seqs, pad_token_id=0, batch_size=2, show_progress=False)
+    assert all(rows.packed for rows in passes)
+    assert len(passes) < 3  # padded batches of 2 would take 3 passes; the budget is 2 x 32 tokens
+    assert max(rows.tokens() for rows in passes) <= 2 * 32
+    from kto_lite.model import reference_mode
+
+    with reference_mode(model):
+        one_by_one = torch.cat([completion_logps(model, collate([p], [c], 0)) for p, c in seqs])
+    torch.testing.assert_close(values, one_by_one, rtol=1e-5, atol=1e-4)
+    assert values[3] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_packed_masks_hold_only_the_diagonal_blocks(model_dirs, arch):
+    """No (N x N) mask for N packed tokens: each layer gets one (n_i x n_i) block per sequence."""
+    from kto_lite.packing import BlockMasks
+
+    model = trainer_model(model_dirs[arch], False)
+    prompts, completions = sequences()
+    rows = collate(prompts, completions, 0, packed=True)
+    seen = []
+    layer = model.get_base_model().get_decoder().layers[0].self_attn
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            completion_logps(model, rows)
+    finally:
+        hook.remove()
+    assert isinstance(seen[-1], BlockMasks)  # (earlier calls: the head check on unpacked tokens)
+    assert [tuple(m.shape[-2:]) for m in seen[-1]] == [(p + c, p + c) for p, c in zip(map(len, prompts),
+                                                                                       map(len, completions))]
