@@ -87,6 +87,8 @@ def _packed_equals_separate(base) -> bool:
     try:
         packed = _hidden_states(base, collate(sequences, [[], []], 0, packed=True).to(device))[0]  # (12, H)
         alone = torch.cat([_hidden_states(base, collate([s], [[]], 0).to(device))[0] for s in sequences])
+    except (TypeError, AttributeError, IndexError, ValueError, RuntimeError):
+        return False  # the model's code cannot take a packed row (e.g. it reshapes the mask itself)
     finally:
         base.train(was_training)
     half = packed.dtype in (torch.float16, torch.bfloat16)

@@ -73,3 +73,16 @@ def test_gpu_presets_have_the_real_shapes(bench, preset, billions):
 def test_gpu_presets_refuse_clearly_without_cuda(bench, preset, capsys):
     assert bench.main(["--preset", preset]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_real_model_preset_rows_are_chat_formatted(bench):
+    """smollm2: the demo's feedback rows in SmolLM2's chat template, identical text for every side."""
+    from real_model import smollm2_dir
+
+    preset = bench.PRESETS["smollm2"]
+    assert preset.model == "smollm2" and preset.epochs == 2 and not preset.load_in_4bit
+    assert not preset.gradient_checkpointing
+    rows = bench.demo_rows(smollm2_dir())
+    assert len(rows) == 400 and {r["label"] for r in rows} == {True, False}
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["completion"].endswith("<|im_end|>")
+               for r in rows)
