@@ -254,12 +254,18 @@ def run_kto_pieces(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
                 (out.loss / gas).backward()
                 step_loss += float(out.loss) / gas
                 tokens += rows.tokens()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(model, optimizer)
             losses.append(step_loss)
             clock.step_end(tokens)
     return {"losses": losses, "packed": packed, "kl_padding": kl_padding(ex, config, packed)}
+
+
+def _optimizer_step(model, optimizer) -> None:
+    import torch
+
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def kl_padding(ex, config, packed: bool) -> dict:
@@ -362,9 +368,7 @@ def run_sft(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
                 (loss / gas).backward()
                 step_loss += float(loss) / gas
                 tokens += rows.tokens()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(model, optimizer)
             losses.append(step_loss)
             clock.step_end(tokens)
     return {"losses": losses, "packed": packed}
