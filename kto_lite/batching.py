@@ -22,17 +22,45 @@ def _rng(seed: int, epoch: int, salt: int) -> random.Random:
     return random.Random(f"{seed}-{epoch}-{salt}")
 
 
-def kl_partners(n: int, *, seed: int, epoch: int) -> list[int]:
+def kl_partners(n: int, *, seed: int, epoch: int, lengths: Sequence[int] | None = None, group: int = 8) -> list[int]:
     """A random derangement: partner[i] != i for every i (n >= 2), new for every epoch.
 
-    Sattolo's algorithm gives a uniformly random single cycle, which never maps i to itself.
+    Example i's KL row is its own prompt with example partner[i]'s completion. Without `lengths`
+    (completion lengths), any other example can be the partner: Sattolo's algorithm gives a
+    uniformly random single cycle, which never maps i to itself. With `lengths`, partners have
+    completions of similar length, so a micro-batch's KL rows are about as long as its (length-
+    grouped) examples: the examples are sorted by completion length (ties broken at random), cut
+    into runs of `group` (the cut points move every epoch), and each run is one random cycle.
+
+    What this changes for z0 (paper eq. 8, z_ref = E_x'[KL(pi_theta(y'|x') || pi_ref(y'|x'))] estimated
+    on mismatched pairs): every completion is still used exactly once per epoch, so the completions
+    y' keep their distribution; only which prompt they are paired with now correlates with the
+    length of that prompt's own answer. y' is still another example's answer, never x's own.
     With n == 1 there is no other example; the example is paired with itself and z0 is 0.
     """
     partner = list(range(n))
     rng = _rng(seed, epoch, salt=1)
-    for i in range(n - 1, 0, -1):
-        j = rng.randrange(i)  # j < i (strictly): what makes it a single cycle
-        partner[i], partner[j] = partner[j], partner[i]
+    if lengths is None:
+        runs = [list(range(n))]
+    else:
+        if len(lengths) != n:
+            raise ValueError(f"kl_partners: {len(lengths)} lengths for {n} examples")
+        tiebreak = [rng.random() for _ in range(n)]
+        order = sorted(range(n), key=lambda i: (lengths[i], tiebreak[i]))
+        cuts = [0, *range(rng.randrange(1, group + 1), n, group), n]
+        runs = [order[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        if len(runs) > 1 and len(runs[0]) == 1:  # a run of one would pair an example with itself
+            runs[:2] = [runs[0] + runs[1]]
+        if len(runs) > 1 and len(runs[-1]) == 1:
+            last = runs.pop()
+            runs[-1] = runs[-1] + last
+    for run in runs:
+        cycle = list(range(len(run)))
+        for i in range(len(run) - 1, 0, -1):
+            j = rng.randrange(i)  # j < i (strictly): what makes it a single cycle
+            cycle[i], cycle[j] = cycle[j], cycle[i]
+        for k, member in enumerate(run):
+            partner[member] = run[cycle[k]]
     return partner
 
 

@@ -17,7 +17,6 @@ The predicted peak is the larger of that step's and the reference precompute's b
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import TrainConfig
-from .logps import chunk_rows  # rows of the (rows, vocab) fp32 logits chunks in the head
+from .head import bytes_per_logit, chunk_rows  # the output head's (rows, vocab) chunks
 from .reference import REFERENCE_BATCH_MULTIPLIER  # reference precompute batch = this x batch_size
 
 if TYPE_CHECKING:
@@ -401,15 +400,15 @@ def _nograd_peak(shape: ModelShape, batch: int, seq: int, d: int, rows: int) -> 
     Inside a layer (measured at the MLP's up_proj): the residual stream, the normed input and two
     more (H,) tensors, and four (F,) ones: act(gate), up's base output, its LoRA update and that
     update scaled (peft adds them out of place); eager attention adds its (T x T) scores. In the head:
-    the final and the gathered hidden states, fp32 logits and logsumexp's exp temporary (and the
-    soft-capping temporaries).
+    the final and the gathered hidden states, a chunk's fp32 logits (softmax in place) and, in half
+    precision, the matmul's output they are converted from.
     """
     tokens = batch * seq
     H, F, V = shape.hidden, shape.intermediate, shape.vocab
     layer = tokens * 4 * d * (H + F)
     if shape.eager_attention:
         layer += batch * shape.heads * seq * seq * (2 * d + 4)
-    head = 2 * tokens * H * d + rows * V * (12 if shape.logit_softcap else 8)
+    head = 2 * tokens * H * d + rows * V * bytes_per_logit(half=d == 2, softcap=False)  # no tanh' without grad
     return max(layer, head)
 
 
@@ -424,6 +423,7 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     fp32, no autocast, AdamW. `compute_dtype` ("float32", "bfloat16", "float16") and `autocast`
     override the device's choice; the tests use them to check the GPU formulas on CPU.
     """
+    config = config.resolved()  # derived fields (max_prompt_length, lora_alpha) from what was set
     if model_config is None:
         model_config = load_model_config(config.model)
     elif not isinstance(model_config, dict):
@@ -472,10 +472,10 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     # --- transients on top of the saved activations: only the largest is live at the peak
     backward_grads = tokens * (d * H + 4 * F)  # in flight in a layer's backward: the residual's and the MLP's
     recompute = (layer if config.gradient_checkpointing else 0) + backward_grads
-    rows = min(chunk_rows(V), tokens)
-    # a chunk's backward: fp32 logits, exp(logits - logsumexp), the scattered gather grad and their sum
-    # (measured: 16 bytes per logit, in fp32 and under autocast); soft-capping keeps tanh's output too
-    logprob_chunks = rows * V * (16 + (4 if shape.logit_softcap else 0))
+    rows = min(chunk_rows(V, half=d == 2, softcap=shape.logit_softcap), tokens)
+    # head.FrozenHeadLogps with grad: one chunk's fp32 logits turned into the softmax in place, its
+    # half-precision copy for the gradient matmul, tanh' when soft-capped (no logits recomputed in backward)
+    logprob_chunks = rows * V * bytes_per_logit(half=d == 2, softcap=shape.logit_softcap)
     kl_pass = _nograd_peak(shape, B, T, d, rows)
     reference_pass = 0 if config.precompute_reference else kl_pass
 
@@ -483,7 +483,7 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     overhead = dequant + (CUDA_OVERHEAD_BYTES if device == "cuda" else 0)
     # before training, reference log-probs are computed once in no-grad batches of 2 x batch_size
     ref_batch = REFERENCE_BATCH_MULTIPLIER * B
-    precompute = _nograd_peak(shape, ref_batch, T, d, min(chunk_rows(V), ref_batch * T)) \
+    precompute = _nograd_peak(shape, ref_batch, T, d, min(rows, ref_batch * T)) \
         if config.precompute_reference else 0
     return MemoryEstimate(
         weights=weights, lora_weights=lora_weights, gradients=lora_weights, optimizer_state=optimizer_state,
@@ -512,7 +512,7 @@ def fit_plan(config: TrainConfig, budget_gb: float, model_config: dict | Pretrai
     """
     if model_config is None:
         model_config = load_model_config(config.model)
-    current = copy.deepcopy(config)
+    current = config.resolved()  # a copy, with the derived fields filled
     overrides: dict = {}
     plan = []
 

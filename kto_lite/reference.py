@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import collate
-from .logps import completion_logps
+from .logps import completion_logps, supports_packing
 from .model import has_reference_adapter, reference_mode
 
 REFERENCE_BATCH_MULTIPLIER = 2  # no-grad batches of 2 x batch_size: faster, and below the training peak
@@ -65,14 +65,32 @@ def compute_reference_logps(
     model, sequences: Sequence[tuple[list[int], list[int]]], *, pad_token_id: int, batch_size: int,
     desc: str = "reference log-probs", show_progress: bool = True,
 ) -> torch.Tensor:
-    """log pi_ref for each (prompt, completion) pair, (N,) float32 on CPU. Sorted by length to pad little."""
+    """log pi_ref for each (prompt, completion) pair, (N,) float32 on CPU.
+
+    Sorted by length. On a model that takes padding-free rows (logps.supports_packing), each pass
+    packs consecutive sequences up to batch_size x the longest sequence's tokens: never more tokens
+    than the padded worst case (what memory.py budgets), and many short rows share one pass, so
+    there are fewer passes (each 4-bit layer dequantizes its weights once per pass). Otherwise
+    padded batches of batch_size rows.
+    """
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    lengths = [len(p) + len(c) for p, c in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: lengths[i])
+    packed = bool(sequences) and supports_packing(model)
+    budget = batch_size * max(lengths, default=0)
+    batches, batch, tokens = [], [], 0
+    for i in order:
+        if batch and (len(batch) == batch_size if not packed else tokens + lengths[i] > budget):
+            batches.append(batch)
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += lengths[i]
+    batches += [batch] if batch else []
     out = torch.zeros(len(sequences), dtype=torch.float32)
     with reference_mode(model):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
-            idx = order[start : start + batch_size]
-            rows = collate([sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_token_id)
+        for idx in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
+            rows = collate([sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_token_id,
+                           packed=packed)
             out[idx] = completion_logps(model, rows.to(device)).float().cpu()
     return out
 

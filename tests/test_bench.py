@@ -22,26 +22,29 @@ def bench():
 
 
 def test_smoke_preset_prints_the_table(bench, tmp_path, capsys):
-    # one side of each kind (kto_lite, TRL, SFT): each is a subprocess that imports torch & co.
+    # one side of each kind (kto_lite via train, kto_lite pieces, TRL, kto_lite's SFT step): subprocesses
     out_md = tmp_path / "results.md"
-    code = bench.main(["--preset", "smoke", "--steps", "1", "--sides", "kto_lite,trl,sft",
+    code = bench.main(["--preset", "smoke", "--steps", "1", "--sides", "kto_lite,kto_pieces,trl,sft_head",
                        "--workdir", str(tmp_path / "work"), "--output", str(out_md)])
     printed = capsys.readouterr().out
     assert code == 0
     table = printed[printed.index("### smoke"):]
-    assert "| run | time (s) |" in table and "| tokens/s |" in table
-    for label in ("kto_lite", "TRL KTOTrainer (defaults)", "SFT step (HF causal-LM loss)"):
+    assert "| run | time (s) |" in table and "| tokens/s |" in table and "reference passes (s)" in table
+    for label in ("kto_lite (train)", "kto_lite pieces (packed KTO loop)", "TRL KTOTrainer (defaults)",
+                  "SFT step (kto_lite head, same rows)"):
         assert f"| {label} |" in table
     assert "| TRL KTOTrainer (defaults) | " in table and "| 1.00x |" in table  # the ratio baseline
-    assert "KTO/SFT (HF loss) time per optimizer step" in table and "Targets (wall time):" in table
-    # step 1: policy == reference on both sides, so both KTO losses are 0.5
-    line = next(line for line in table.splitlines() if line.startswith("Step-1 losses"))
+    assert "KTO step / kto_lite's SFT step" in table and "Targets (wall time):" in table
+    assert "KL rows, padded positions / real tokens" in table and "Reference passes of" in table
+    # step 1: policy == reference on every side, so every KTO loss is 0.5
+    line = next(line for line in table.splitlines() if line.startswith("- Step-1 losses"))
     losses = dict(item.split() for item in line.split("): ")[1].rstrip(".").split(", "))
-    assert float(losses["kto_lite"]) == pytest.approx(0.5, abs=1e-4)
-    assert float(losses["trl"]) == pytest.approx(0.5, abs=1e-4)
+    assert set(losses) == {"kto_lite", "kto_pieces", "trl"}
+    for value in losses.values():
+        assert float(value) == pytest.approx(0.5, abs=1e-4)
     # the same tokens were trained on by every side
     results = [json.loads(p.read_text()) for p in (tmp_path / "work").glob("result_*.json")]
-    assert len(results) == 3 and len({r["tokens"] for r in results}) == 1 and results[0]["tokens"] > 0
+    assert len(results) == 4 and len({r["tokens"] for r in results}) == 1 and results[0]["tokens"] > 0
     assert out_md.read_text().strip().startswith("### smoke")
 
 
@@ -70,3 +73,16 @@ def test_gpu_presets_have_the_real_shapes(bench, preset, billions):
 def test_gpu_presets_refuse_clearly_without_cuda(bench, preset, capsys):
     assert bench.main(["--preset", preset]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_real_model_preset_rows_are_chat_formatted(bench):
+    """smollm2: the demo's feedback rows in SmolLM2's chat template, identical text for every side."""
+    from real_model import smollm2_dir
+
+    preset = bench.PRESETS["smollm2"]
+    assert preset.model == "smollm2" and preset.epochs == 2 and not preset.load_in_4bit
+    assert not preset.gradient_checkpointing
+    rows = bench.demo_rows(smollm2_dir())
+    assert len(rows) == 400 and {r["label"] for r in rows} == {True, False}
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["completion"].endswith("<|im_end|>")
+               for r in rows)

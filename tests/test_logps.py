@@ -1,88 +1,218 @@
-"""Chunked completion log-probs equal the naive full-logits computation, values and gradients."""
+"""Completion log-probs: equal to the naive full-logits computation, and padding-free rows equal padded rows.
+
+Packed rows (one row, position ids restarting per sequence, no mask) must give the same log-probs and
+the same LoRA gradients as padded rows on Llama, Qwen2 and Gemma-2 (sliding window shorter than the
+rows, attention and final soft-capping), unquantized and 4-bit.
+"""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+)
 
 from kto_lite.batching import collate
-from kto_lite.logps import completion_logps
+from kto_lite.config import TrainConfig
+from kto_lite.logps import completion_logps, supports_packing
+from kto_lite.model import add_lora, load_base
+from kto_lite.packing import SEGMENT_PREFIX
+
+VOCAB = 301
 
 
-def naive_logps(model, input_ids, attention_mask, completion_mask):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V)
-    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (token_logps * completion_mask[:, 1:]).sum(-1)
+def naive_logps(model, rows):
+    logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits.float()  # (B, T, V)
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, rows.input_ids[:, 1:, None]).squeeze(-1)
+    return (token_logps * rows.completion_mask[:, 1:]).sum(-1)
+
+
+def with_active_lora(model):
+    for name, p in model.named_parameters():  # LoRA B starts at zero; make the adapter do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    base = LlamaForCausalLM(config)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, p in peft.named_parameters():  # LoRA B starts at zero; make the adapter do something
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return peft.eval()
+    peft = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    return with_active_lora(peft).eval()
 
 
-def batch():
+def sequences(vocab=VOCAB, prompts=(5, 9, 2, 4), completions=(7, 3, 11, 0)):
+    """Prompts and completions of mixed lengths; the last completion is empty (a KL row cut to nothing)."""
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (5, 9, 2)]
-    completions = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (7, 3, 11)]
-    return collate(prompts, completions, pad_token_id=0)
+    return ([torch.randint(0, vocab, (n,), generator=g).tolist() for n in prompts],
+            [torch.randint(0, vocab, (n,), generator=g).tolist() for n in completions])
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
 def test_values_equal_naive(model, chunk_size):
-    b = batch()
+    rows = collate(*sequences(), pad_token_id=0)
     with torch.no_grad():
-        ours = completion_logps(model, **b, chunk_size=chunk_size)
-        naive = naive_logps(model, **b)
-    assert ours.shape == (3,)
+        ours = completion_logps(model, rows, chunk_size=chunk_size)
+        naive = naive_logps(model, rows)
+    assert ours.shape == (4,)
     torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-4)
-    assert torch.all(ours < 0)
+    assert torch.all(ours[:3] < 0) and ours[3] == 0
 
 
 def test_gradients_equal_naive(model):
-    b = batch()
-    lora = [p for n, p in model.named_parameters() if p.requires_grad]
-    weights = torch.tensor([1.0, -2.0, 0.5])
-    grads_ours = torch.autograd.grad((completion_logps(model, **b, chunk_size=5) * weights).sum(), lora)
-    grads_naive = torch.autograd.grad((naive_logps(model, **b) * weights).sum(), lora)
+    rows = collate(*sequences(), pad_token_id=0)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    grads_ours = torch.autograd.grad((completion_logps(model, rows, chunk_size=5) * weights).sum(), lora)
+    grads_naive = torch.autograd.grad((naive_logps(model, rows) * weights).sum(), lora)
     for ours, naive in zip(grads_ours, grads_naive):
         torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-5)
 
 
 def test_only_completion_tokens_count(model):
-    b = batch()
+    prompts, completions = sequences()
     with torch.no_grad():
-        full = completion_logps(model, **b)
-        b2 = dict(b)
-        b2["input_ids"] = b["input_ids"].clone()
-        b2["input_ids"][0, 1] = (b["input_ids"][0, 1] + 1) % 301  # a prompt token changes the context...
-        changed = completion_logps(model, **b2)
-        b3 = dict(b)
-        b3["completion_mask"] = b["completion_mask"].clone()
-        b3["completion_mask"][2] = 0  # no completion token: the sum is exactly 0
-        empty = completion_logps(model, **b3)
-    assert changed[0] != full[0] and changed[1] == full[1]
-    assert empty[2] == 0 and empty[0] == full[0]
+        full = completion_logps(model, collate(prompts, completions, 0))
+        changed_prompt = [list(p) for p in prompts]
+        changed_prompt[0][1] = (changed_prompt[0][1] + 1) % VOCAB  # a prompt token changes the context...
+        changed = completion_logps(model, collate(changed_prompt, completions, 0))
+    assert changed[0] != full[0] and torch.equal(changed[1:], full[1:])  # ...of its own row only
 
 
-def test_softcapping_is_applied(model):
-    b = batch()
-    model.get_base_model().config.final_logit_softcapping = 1.0
+# ---------------------------------------------------------------------- padding-free rows
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+ARCHS = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "qwen2": lambda: Qwen2Config(**TINY),  # q/k/v biases
+    # sliding window 6 < the rows' lengths, so the packed sliding mask must restart per sequence too
+    "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
+                                   final_logit_softcapping=3.0),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root, dirs = tmp_path_factory.mktemp("packing_models"), {}
+    for arch, make in ARCHS.items():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(make()).save_pretrained(root / arch)
+        dirs[arch] = root / arch
+    return dirs
+
+
+def trainer_model(path, load_in_4bit):
+    """The trainer's model: load_base (4-bit NF4 or not) + add_lora, LoRA B made non-zero."""
+    config = TrainConfig(model=str(path), lora_r=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=load_in_4bit,
+                         gradient_checkpointing=True)
+    torch.manual_seed(0)
+    model = with_active_lora(add_lora(load_base(str(path), load_in_4bit=load_in_4bit), config))
+    model.train()  # gradient checkpointing recomputes the layers in backward: packed masks must survive it
+    return model
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full", "4bit"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_packed_equals_padded(model_dirs, arch, load_in_4bit):
+    model = trainer_model(model_dirs[arch], load_in_4bit)
+    prompts, completions = sequences()
+    padded, packed = collate(prompts, completions, 0), collate(prompts, completions, 0, packed=True)
+    assert packed.input_ids.shape == (1, packed.tokens()) and packed.tokens() == padded.tokens()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    values, grads = {}, {}
+    for name, rows in (("padded", padded), ("packed", packed)):
+        values[name] = completion_logps(model, rows)
+        grads[name] = torch.autograd.grad((values[name] * weights).sum(), lora)
+    torch.testing.assert_close(values["packed"], values["padded"], rtol=1e-5, atol=1e-4)
+    assert values["packed"][3] == 0  # empty completion
+    for a, b in zip(grads["packed"], grads["padded"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item()))
+    assert model.get_base_model().config._attn_implementation.startswith(SEGMENT_PREFIX)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_supported_architectures_pack(model_dirs, arch):
+    model = trainer_model(model_dirs[arch], False)
+    assert supports_packing(model)
+    # sdpa (Llama, Qwen2) and eager (Gemma-2: sdpa cannot softcap) both attend sequence by sequence
+    assert model.get_base_model().config._attn_implementation.startswith(SEGMENT_PREFIX)
+
+
+def test_segment_attention_equals_transformers_block_mask(model):
+    """The per-sequence wrapper gives what transformers' own packed block mask gives (without the wrapper)."""
+    fresh = LlamaForCausalLM(model.get_base_model().config.__class__(**TINY)).eval()
+    rows = collate(*sequences(), pad_token_id=0, packed=True)
+    with torch.no_grad():
+        body = fresh.get_decoder()
+        native = body(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).last_hidden_state
+        assert fresh.config._attn_implementation == "sdpa"
+        segmented = completion_logps(fresh, rows)
+        assert fresh.config._attn_implementation == SEGMENT_PREFIX + "sdpa"
+        again = body(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(again, native, rtol=1e-5, atol=1e-5)
+    assert segmented.shape == (4,)
+
+
+def test_a_model_without_packed_masks_gets_the_padded_path():
+    """Bloom (ALiBi, its own mask from the attention mask): packed rows would leak across sequences."""
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)).eval()
+    assert not supports_packing(bloom)
+    prompts, completions = sequences()
+    with torch.no_grad():
+        padded = completion_logps(bloom, collate(prompts, completions, 0))
+        packed = completion_logps(bloom, collate(prompts, completions, 0, packed=True))
+    assert (packed[0] - padded[0]).abs() < 1e-5  # the first sequence has nothing before it to see...
+    assert (packed[1:3] - padded[1:3]).abs().max() > 1e-4  # ...the others see their neighbours: the padded path
+
+
+def test_reference_pass_packs_short_rows_into_fewer_passes(model_dirs, monkeypatch):
+    """compute_reference_logps: packed, token-budgeted passes give the padded per-row numbers, in fewer passes."""
+    from kto_lite import reference
+
+    model = trainer_model(model_dirs["llama"], True)
+    prompts, completions = sequences(prompts=(5, 9, 2, 4, 30, 3), completions=(7, 3, 11, 0, 2, 1))
+    seqs = list(zip(prompts, completions))
+    passes = []
+    real = reference.completion_logps
+    monkeypatch.setattr(reference, "completion_logps", lambda m, rows: passes.append(rows) or real(m, rows))
+    values = reference.compute_reference_logps(model, seqs, pad_token_id=0, batch_size=2, show_progress=False)
+    assert all(rows.packed for rows in passes)
+    assert len(passes) < 3  # padded batches of 2 would take 3 passes; the budget is 2 x 32 tokens
+    assert max(rows.tokens() for rows in passes) <= 2 * 32
+    from kto_lite.model import reference_mode
+
+    with reference_mode(model):
+        one_by_one = torch.cat([completion_logps(model, collate([p], [c], 0)) for p, c in seqs])
+    torch.testing.assert_close(values, one_by_one, rtol=1e-5, atol=1e-4)
+    assert values[3] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_packed_masks_hold_only_the_diagonal_blocks(model_dirs, arch):
+    """No (N x N) mask for N packed tokens: each layer gets one (n_i x n_i) block per sequence."""
+    from kto_lite.packing import BlockMasks
+
+    model = trainer_model(model_dirs[arch], False)
+    prompts, completions = sequences()
+    rows = collate(prompts, completions, 0, packed=True)
+    seen = []
+    layer = model.get_base_model().get_decoder().layers[0].self_attn
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
     try:
         with torch.no_grad():
-            capped = completion_logps(model, **b)
+            completion_logps(model, rows)
     finally:
-        model.get_base_model().config.final_logit_softcapping = None
-    with torch.no_grad():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logits = torch.tanh(logits)  # cap 1.0
-        expected = (logits[:, :-1].log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
-                    * b["completion_mask"][:, 1:]).sum(-1)
-    torch.testing.assert_close(capped, expected, rtol=1e-5, atol=1e-4)
+        hook.remove()
+    assert isinstance(seen[-1], BlockMasks)  # (earlier calls: the head check on unpacked tokens)
+    assert [tuple(m.shape[-2:]) for m in seen[-1]] == [(p + c, p + c) for p, c in zip(map(len, prompts),
+                                                                                       map(len, completions))]

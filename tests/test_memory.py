@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
 from kto_lite import model as kto_model
+from kto_lite.batching import Rows
 from kto_lite.config import TrainConfig
 from kto_lite.logps import completion_logps
 from kto_lite.memory import (
@@ -71,7 +72,7 @@ def _restore_cpu_autocast():
 def train_config(model_dir, **kw) -> TrainConfig:
     values = dict(model=str(model_dir), batch_size=B, max_length=T, max_prompt_length=PROMPT, lora_r=16,
                   lora_alpha=32)
-    return TrainConfig(**{**values, **kw})
+    return TrainConfig(**{**values, **kw}).resolved()
 
 
 def load(config: TrainConfig, monkeypatch, mode: str = "fp32"):
@@ -91,14 +92,26 @@ def estimate(config, arch, mode="fp32"):
                            compute_dtype="float32" if mode == "fp32" else "bfloat16", autocast=mode == "autocast")
 
 
-def batch(vocab=2048):
+def as_rows(ids, attention, completion) -> Rows:
+    """Padded Rows from (B, T) ids, attention mask and completion mask."""
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+    return Rows(ids, completion, torch.where(attention.bool(), rows, -1).contiguous(), ids.shape[0],
+                attention_mask=attention)
+
+
+def batch(vocab=2048) -> Rows:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g)
     attention = torch.ones(B, T, dtype=torch.long)
-    attention[0, :10] = 0  # a padded row, as in real batches (the estimate assumes a padding mask)
+    attention[0, -10:] = 0  # a padded row, as in real batches (the estimate assumes a padding mask)
     completion = torch.zeros(B, T, dtype=torch.long)
     completion[:, PROMPT:] = 1
-    return ids, attention, completion
+    return as_rows(ids, attention, completion)
+
+
+def rows_storages(rows: Rows) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (rows.input_ids, rows.completion_mask, rows.sequence_index,
+                                                      rows.attention_mask)}
 
 
 def autocast(mode):
@@ -151,7 +164,7 @@ def test_lora_gradients_and_optimizer_state_after_one_step(model_dirs, optimizer
     config = train_config(model_dirs["llama"], optimizer=optimizer)
     model = load(config, monkeypatch)
     opt = make_optimizer(model, config)
-    completion_logps(model, *batch()).sum().backward()
+    completion_logps(model, batch()).sum().backward()
     opt.step()
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
@@ -186,7 +199,7 @@ def saved_activation_bytes(model, inputs, mode) -> int:
     hooks = [layer.register_forward_pre_hook(layer_inputs, with_kwargs=True) for layer in layers]
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: keep(t) or t, lambda t: t), autocast(mode):
-            logps = completion_logps(model, *inputs)
+            logps = completion_logps(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
@@ -243,15 +256,15 @@ def step_peak(model, inputs, mode) -> int:
 
     def step():
         with autocast(mode):
-            policy = completion_logps(model, *inputs)
+            policy = completion_logps(model, inputs)
             with kto_model.no_grad_policy(model):
-                kl = completion_logps(model, *inputs)
+                kl = completion_logps(model, inputs)
         (policy - kl).sum().backward()
 
     step()  # warm-up: lazily created state is not part of a step
     for p in model.parameters():
         p.grad = None
-    with LiveBytes(ignore=model_storages(model) | {t.untyped_storage().data_ptr() for t in inputs}) as tracker:
+    with LiveBytes(ignore=model_storages(model) | rows_storages(inputs)) as tracker:
         step()
     return tracker.peak
 
@@ -270,21 +283,22 @@ def test_step_peak(model_dirs, arch, gradient_checkpointing, mode, monkeypatch):
 
 
 def test_step_peak_with_a_large_vocabulary(tmp_path, monkeypatch):
-    """A 16k vocabulary on a narrow body: the (1024, V) log-prob chunk is the peak, as for real models."""
+    """A 16k vocabulary on a narrow body: the (rows, V) log-prob chunk is the peak, as for real models."""
     from transformers import AutoModelForCausalLM
 
     shape = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, vocab_size=16384)
     AutoModelForCausalLM.from_config(shape).save_pretrained(tmp_path / "wide")
-    config = TrainConfig(model=str(tmp_path / "wide"), batch_size=4, max_length=300, max_prompt_length=32)
+    config = TrainConfig(model=str(tmp_path / "wide"), batch_size=4, max_length=300, max_prompt_length=32).resolved()
     e = estimate_memory(config, shape.to_dict(), device="cpu")
-    assert e.transient == e.logprob_chunks
+    # the head's (rows, V) chunk is the peak: with grad (logprob_chunks) or in the no-grad KL pass right after
+    assert e.transient == max(e.logprob_chunks, e.kl_pass) and e.logprob_chunks > 5 * e.recompute
     model = load(config, monkeypatch)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 16384, (4, 300), generator=g)
     completion = torch.zeros(4, 300, dtype=torch.long)
     completion[:, 32:] = 1
-    measured = step_peak(model, (ids, torch.ones(4, 300, dtype=torch.long), completion), "fp32")
+    measured = step_peak(model, as_rows(ids, torch.ones(4, 300, dtype=torch.long), completion), "fp32")
     predicted = e.activations + e.transient + e.gradients
     assert close(measured, predicted, 0.20), f"measured {measured:,} predicted {predicted:,}"
 
@@ -304,10 +318,10 @@ def test_no_grad_pass_peak(tmp_path, arch, mode, monkeypatch):
 
     def kl_pass():
         with autocast(mode), kto_model.no_grad_policy(model):
-            completion_logps(model, *inputs)
+            completion_logps(model, inputs)
 
     kl_pass()
-    with LiveBytes(ignore=model_storages(model) | {t.untyped_storage().data_ptr() for t in inputs}) as tracker:
+    with LiveBytes(ignore=model_storages(model) | rows_storages(inputs)) as tracker:
         kl_pass()
     predicted = estimate_memory(config, shape.to_dict(), device="cpu", autocast=mode == "autocast",
                                 compute_dtype="float32" if mode == "fp32" else "bfloat16").kl_pass

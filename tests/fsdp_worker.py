@@ -1,0 +1,66 @@
+"""Worker of tests/test_fsdp.py, one per process (torchrun --nproc_per_node 2, gloo on CPU).
+
+The QLoRA model exactly as FSDP needs it: 4-bit weights stored in the compute dtype
+(bnb_4bit_quant_storage), every decoder layer and then the whole policy sharded with torch's
+fully_shard. Prints one JSON line per process: log-probs and LoRA gradients (norms) before and after
+sharding, for padded and packed rows.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from kto_lite.batching import collate
+from kto_lite.config import TrainConfig
+from kto_lite.logps import PolicyLogps
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quantization)
+    from kto_lite.model import add_lora
+
+    torch.manual_seed(0)  # the same LoRA initialisation in every process
+    model = add_lora(model, TrainConfig(model=path, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                        gradient_checkpointing=True).resolved())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.constant_(p, 0.01)
+    model.train()
+    policy = PolicyLogps(model)
+    layouts = {name: collate([[1, 5, 6, 7], [1, 8, 9]], [[10, 11, 12], [13, 2]], 0, packed=name == "packed")
+               for name in ("padded", "packed")}
+    weights = torch.tensor([1.0, -2.0])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def step(rows):
+        values = policy(rows)
+        (values * weights).sum().backward()
+        params = dict(policy.named_parameters())
+        grads = {}
+        for name in trainable:
+            grad = params["model." + name].grad
+            grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).norm().item()
+        policy.zero_grad()
+        return values.tolist(), grads
+
+    before = {name: step(rows) for name, rows in layouts.items()}
+    local_before = sum(p.numel() for p in policy.parameters())
+    for layer in model.get_base_model().get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(policy)
+    local_after = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
+    after = {name: step(rows) for name, rows in layouts.items()}
+    print(json.dumps({"rank": dist.get_rank(), "before": before, "after": after,
+                      "local_params": [local_before, local_after]}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
