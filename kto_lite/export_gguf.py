@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import UsageError
+
 QUANTS = ("f16", "q8_0")
 
 
@@ -43,7 +45,7 @@ ARCHITECTURES = {
 }
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UsageError):
     """The model cannot be written as GGUF by kto_lite (an input problem: exit code 2)."""
 
 

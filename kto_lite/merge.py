@@ -19,6 +19,7 @@ The merge runs where `load_base` puts the model (the GPU if there is one) and en
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +180,10 @@ def merge_quantized(trained, dtype: torch.dtype):
             layer = model.get_submodule(name)
             with torch.no_grad():
                 layer.weight.copy_((layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype))
-    return _plain(model).to("cpu", dtype)
+    model = _plain(model).to("cpu")
+    for param in model.parameters():  # parameters only: buffers such as rotary inv_freq stay fp32, as on loading
+        param.data = param.data.to(dtype)
+    return model
 
 
 def merge(adapter_dir: str | Path, *, merge_from: str | None = None, dtype: str = "auto",
@@ -222,9 +226,32 @@ def drift_rows(adapter_dir: str | Path, tokenizer, n: int = 8, max_length: int =
     return [(r.prompt_ids + r.completion_ids, len(r.prompt_ids)) for r in rows]
 
 
+@contextlib.contextmanager
+def computing_in(model, dtype: torch.dtype):
+    """Parameters widened to `dtype` for a while, then back (lossless): a merged fp16 / bf16 model is
+    compared in the precision the trained model computes in, so the drift measures the weights."""
+    stored = {p: p.dtype for p in model.parameters()}
+    for p in stored:
+        p.data = p.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for p, original in stored.items():
+            p.data = p.data.to(original)
+
+
 @torch.no_grad()
 def token_logps(model, rows: list[tuple[list[int], int]]) -> list[torch.Tensor]:
-    """log p of each completion token given everything before it, per row: [(n_completion,) fp32]."""
+    """log p of each completion token given everything before it, per row: [(n_completion,) fp32].
+
+    Computed in the training compute dtype (model.compute_dtype: fp32 on the CPU).
+    """
+    from .model import compute_dtype
+
+    if any(p.dtype in (torch.float16, torch.bfloat16, torch.float32) and p.dtype != compute_dtype()
+           for p in model.parameters()) and not getattr(model, "is_loaded_in_4bit", False):
+        with computing_in(model, compute_dtype()):
+            return token_logps(model, rows)
     device = next(model.parameters()).device
     out = []
     for ids, prompt_len in rows:

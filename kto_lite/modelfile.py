@@ -52,7 +52,15 @@ def _before(text: str, marker: str) -> str:
 
 
 def turn_pieces(tokenizer) -> TurnPieces | None:
-    """Read each role's prefix and suffix off the tokenizer's chat template; None when that fails.
+    """Read each role's prefix and suffix off the tokenizer's chat template; None when that fails."""
+    try:
+        return _turn_pieces(tokenizer)
+    except ValueError:  # a marker did not come out as it went in (the template changes contents)
+        return None
+
+
+def _turn_pieces(tokenizer) -> TurnPieces | None:
+    """See turn_pieces.
 
     With marker contents S, U, A, U2 (sys = a system turn the template adds by itself, if any):
       [user U]                  = start + [sys] + before_user + U + after_user
