@@ -114,7 +114,8 @@ def save_merged(merged, out_dir: str | Path) -> Path:
     try:
         merged.model.save_pretrained(tmp)  # safetensors, sharded when large
         merged.tokenizer.save_pretrained(tmp)
-        user_mode(tmp, folder=True)
+        for path in [tmp, *tmp.rglob("*")]:  # transformers writes its files through mkstemp too
+            user_mode(path, folder=path.is_dir())
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
