@@ -309,3 +309,38 @@ def test_gguf_of_a_base_trained_from_gguf_keeps_its_tokenizer(tiny, tmp_path):
     keys = {k: f.contents() for k, f in gguf.GGUFReader(str(first)).fields.items() if k.startswith("tokenizer.")}
     again = {k: f.contents() for k, f in gguf.GGUFReader(str(second)).fields.items() if k.startswith("tokenizer.")}
     assert keys == again and keys["tokenizer.ggml.merges"] and keys["tokenizer.ggml.pre"] == "qwen2"  # transformers gives qwen2 models its split
+
+
+# --------------------------------------------------------------------------- llama.cpp itself
+
+
+def test_llama_cpp_runs_the_exports(demo_run, tmp_path):
+    """llama.cpp (llama-cpp-python) tokenizes like transformers and computes the same logits, for the merged
+    file and for base GGUF + LoRA GGUF. Skipped when llama-cpp-python is not installed (it builds llama.cpp
+    from source: see docs/export.md)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = AutoTokenizer.from_pretrained(demo_run)
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def llama_logits(path, **kwargs):
+        llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, **kwargs)
+        try:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+            llm.eval(ids)
+            return torch.from_numpy(np.array(llm.scores[:len(ids)]))
+        finally:
+            llm.close()
+
+    merged = merge(demo_run, merge_from="quantized", dtype="fp16")
+    path = write_gguf(merged.model, merged.tokenizer, tmp_path / "merged.gguf")
+    got, expected = llama_logits(path), _logits(merged.model.float(), ids)
+    assert (got - expected).abs().max() < 0.05 and (got.argmax(-1) == expected.argmax(-1)).all()
+
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
+    base_path = write_gguf(base, tokenizer, tmp_path / "base.gguf")
+    lora_path = write_lora_gguf(demo_run, tmp_path / "lora.gguf", base.config)
+    got = llama_logits(base_path, lora_path=str(lora_path))
+    full = merge(demo_run, merge_from="full", dtype="fp16").model.float()
+    assert (got - _logits(full, ids)).abs().max() < 0.05  # base + LoRA at run time == the full merge
+    assert (got - _logits(base, ids)).abs().max() > 1.0  # and the adapter did change the model
