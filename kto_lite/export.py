@@ -15,6 +15,7 @@ Files the user receives are created with the normal umask (not owner-only).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +23,11 @@ import zipfile
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .chat import adapter_base, check_adapter_dir
-from .merge import DTYPES, MERGE_FROM, merge_dtype  # noqa: F401 - merge_dtype is part of this module's API
+# bitsandbytes (imported by peft below) logs that an optional kernel package is missing: nothing to act on
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .chat import adapter_base, check_adapter_dir  # noqa: E402
+from .merge import DTYPES, MERGE_FROM, merge_dtype  # noqa: E402,F401 - merge_dtype is part of this module's API
 
 # What a zip (and a Hub upload) holds: the adapter, its tokenizer, and the run's record. Not
 # checkpoints/ (optimizer state, several times the adapter's size), not the feedback or any data file.

@@ -55,8 +55,20 @@ def parse_args(argv: list[str]):
     return p.parse_args(argv)
 
 
+def quiet_libraries() -> None:
+    """Leave out what a user cannot act on: transformers' deprecation notes about calls inside peft and
+    its per-file loading bars (bitsandbytes' kernel note: see export.py)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     return cli.run(lambda: export(args))
 
 
