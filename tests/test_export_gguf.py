@@ -344,3 +344,20 @@ def test_llama_cpp_runs_the_exports(demo_run, tmp_path):
     full = merge(demo_run, merge_from="full", dtype="fp16").model.float()
     assert (got - _logits(full, ids)).abs().max() < 0.05  # base + LoRA at run time == the full merge
     assert (got - _logits(base, ids)).abs().max() > 1.0  # and the adapter did change the model
+
+
+def test_gguf_lora_of_a_run_trained_from_a_gguf_uses_that_file_as_base(demo_run, tmp_path, capsys):
+    """GGUF in, aligned GGUF out: the run's `model` is a .gguf file; the Modelfile applies the adapter to it."""
+    import shutil
+
+    base = write_gguf(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR), AutoTokenizer.from_pretrained(DEMO_MODEL_DIR),
+                      tmp_path / "demo-base.gguf")
+    run = tmp_path / "from-gguf"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("gguf"))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base), "load_in_4bit": True}))
+    assert export.main(["--adapter", str(run), "--gguf_lora"]) == 0
+    out = capsys.readouterr().out
+    assert f"trained from {base}" in out and "GGUF in, aligned GGUF out" in out
+    modelfile_text = (run / "gguf" / "from-gguf-lora.Modelfile").read_text()
+    assert f"FROM {base.resolve()}" in modelfile_text and "ADAPTER ./from-gguf-lora.gguf" in modelfile_text
+    assert "TEMPLATE" in modelfile_text
