@@ -37,7 +37,7 @@ def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     steps = _steps(tokenizer_json)
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"  # GPT-2's own regex
+        return "gpt-2"  # GPT-2's own regex (llama.cpp spells this one with a hyphen)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # each digit alone, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):

@@ -314,36 +314,74 @@ def test_gguf_of_a_base_trained_from_gguf_keeps_its_tokenizer(tiny, tmp_path):
 # --------------------------------------------------------------------------- llama.cpp itself
 
 
+def llama_cpp_logits(path, text: str, ids: list[int], **kwargs) -> torch.Tensor:
+    """llama.cpp's logits for `ids` (after checking it tokenizes `text` into exactly those ids): (T, V)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1, **kwargs)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[:len(ids)]))
+    finally:
+        llm.close()
+
+
 def test_llama_cpp_runs_the_exports(demo_run, tmp_path):
     """llama.cpp (llama-cpp-python) tokenizes like transformers and computes the same logits, for the merged
     file and for base GGUF + LoRA GGUF. Skipped when llama-cpp-python is not installed (it builds llama.cpp
     from source: see docs/export.md)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     tokenizer = AutoTokenizer.from_pretrained(demo_run)
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def llama_logits(path, **kwargs):
-        llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, **kwargs)
-        try:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-            llm.eval(ids)
-            return torch.from_numpy(np.array(llm.scores[:len(ids)]))
-        finally:
-            llm.close()
-
     merged = merge(demo_run, merge_from="quantized", dtype="fp16")
     path = write_gguf(merged.model, merged.tokenizer, tmp_path / "merged.gguf")
-    got, expected = llama_logits(path), _logits(merged.model.float(), ids)
+    got, expected = llama_cpp_logits(path, text, ids), _logits(merged.model.float(), ids)
     assert (got - expected).abs().max() < 0.05 and (got.argmax(-1) == expected.argmax(-1)).all()
 
     base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
     base_path = write_gguf(base, tokenizer, tmp_path / "base.gguf")
     lora_path = write_lora_gguf(demo_run, tmp_path / "lora.gguf", base.config)
-    got = llama_logits(base_path, lora_path=str(lora_path))
+    got = llama_cpp_logits(base_path, text, ids, lora_path=str(lora_path))
     full = merge(demo_run, merge_from="full", dtype="fp16").model.float()
     assert (got - _logits(full, ids)).abs().max() < 0.05  # base + LoRA at run time == the full merge
     assert (got - _logits(base, ids)).abs().max() > 1.0  # and the adapter did change the model
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_llama_cpp_reads_every_architecture(tiny, model_type, tmp_path):
+    """The architecture mapping and the tokenizer names (gpt-2, qwen2 pre-tokenizers) as llama.cpp reads them."""
+    pytest.importorskip("llama_cpp")
+    src = tiny[model_type]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf")
+    conversation = CONVERSATION[1:] if model_type == "gemma2" else CONVERSATION
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected = _logits(_through(model, lambda w: w.half().float()), ids)
+    got = llama_cpp_logits(path, text, ids)
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max() + 1e-3, model_type
+
+
+def test_smollm2_gguf_runs_in_llama_cpp(tmp_path):
+    """The real model (SmolLM2-135M-Instruct, as a transformers folder): f16 GGUF in llama.cpp, its Modelfile."""
+    pytest.importorskip("llama_cpp")
+    from real_model import smollm2_dir
+
+    src = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    path = write_gguf(model, tokenizer, tmp_path / "smollm2.gguf")
+    conversation = [{"role": "user", "content": "What is 29 + 49? Answer in two words."},
+                    {"role": "assistant", "content": "It's 78."}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    got, expected = llama_cpp_logits(path, text, ids), _logits(model, ids)
+    assert (got - expected).abs().max() < 0.25 and (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+    text, ok = modelfile(f"./{path.name}", tokenizer)
+    assert ok and 'SYSTEM """You are a helpful AI assistant named SmolLM' in text and "<|im_start|>" in text
 
 
 def test_gguf_lora_of_a_run_trained_from_a_gguf_uses_that_file_as_base(demo_run, tmp_path, capsys):
