@@ -122,9 +122,10 @@ def merged_with_drift(adapter: Path, args, dtype: str):
     merge_from = m.resolve_merge_from(adapter, args.merge_from)
     if args.merge_from == "quantized" and merge_from == "full":
         print("this run trained an unquantized base: the full merge is the trained model", flush=True)
-    what = ("into the de-quantized 4-bit weights it was trained on" if merge_from == "quantized"
-            else "into the full-precision weights")
-    print(f"merging {adapter} {what} of {base} ({m.merge_dtype(dtype, base)}, on the CPU)", flush=True)
+    what = ("the de-quantized 4-bit weights it was trained on" if merge_from == "quantized"
+            else "the full-precision weights")
+    stored = str(m.merge_dtype(dtype, base)).removeprefix("torch.")
+    print(f"merging {adapter} into {base}: into {what} (merge_from {merge_from}), stored as {stored}", flush=True)
     try:
         print(f"this needs about {format_bytes(estimate_merge_memory(base, dtype))} of RAM", flush=True)
     except (OSError, ValueError) as e:  # no config reachable: the merge itself will say more
@@ -143,11 +144,15 @@ def merged_with_drift(adapter: Path, args, dtype: str):
                      trained=trained if merge_from == "quantized" else None)  # consumes `trained`
     if rows:
         drift[merge_from] = m.logprob_drift(reference, m.token_logps(merged.model, rows))
-        measured = ", ".join(f"{name} {drift[name]:.4f}" for name in MERGE_FROM if name in drift)
+        measured = ", ".join(f"{name} {_nats(drift[name])}" for name in MERGE_FROM if name in drift)
         print(f"mean |Δ log p| per token vs the trained model ({len(rows)} rows of the run's data): {measured}"
               f"  (shipping: {merge_from})", flush=True)
     merged.drift = drift
     return merged
+
+
+def _nats(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-4 else "<0.0001"
 
 
 def _drift_rows(adapter: Path, base: str, n: int) -> list:
