@@ -22,6 +22,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 REFERENCES = ("base", "init_adapter")
 TRACKERS = ("none", "tensorboard", "wandb")
+KL_PAIRINGS = ("per_epoch", "fixed")
 
 # Defaults of the fields left empty, derived in `TrainConfig.resolved` from what the user did set.
 # LoRA KTO on a real pretrained chat model: chosen by the grid in benchmarks/defaults_grid.py (README,
@@ -89,6 +90,10 @@ class TrainConfig:
     desirable_weight: float | str = _f(1.0, "lambda_D, weight of desirable examples; 'auto' balances counts.")
     undesirable_weight: float | str = _f(1.0, "lambda_U, weight of undesirable examples; 'auto' balances counts.")
     loss_type: str = _f("kto", "'kto' (paper) or 'apo_zero_unpaired' (no z0 reference point).", choices=LOSS_TYPES)
+    kl_pairing: str = _f(
+        "per_epoch", "per_epoch: new KL pairs every epoch (one reference pass over the KL rows per epoch, as the "
+        "paper's authors do); fixed: epoch 1's pairs throughout (that pass is paid once).", choices=KL_PAIRINGS,
+    )
     kl_over_step: bool = _f(
         False, "Estimate z0 over all micro-batches of an optimizer step, not each one: steadier at batch_size 1-2."
     )

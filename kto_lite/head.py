@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .config import ConfigError
+
 BLOCK_BYTES = 2**27  # working memory of the head: (rows x vocab) logits and their companions, 128 MiB
 
 # architectures that transform their logits after lm_head: model_type -> scale read from the config
@@ -49,7 +51,7 @@ def chunk_rows(vocab_size: int, *, half: bool = False, softcap: bool = False) ->
     return max(16, BLOCK_BYTES // (bytes_per_logit(half=half, softcap=softcap) * vocab_size))
 
 
-class UnsupportedHead(ValueError):
+class UnsupportedHead(ConfigError):
     """The model's logits are not what kto_lite's head computes from its hidden states."""
 
 

@@ -32,6 +32,7 @@ from transformers import get_scheduler
 from .batching import Rows, collate, epoch_batches, kl_partners
 from .config import ConfigError, TrainConfig, resolve_optimizer
 from .data import TokenizedExample, load_data, tokenize
+from .head import output_head
 from .logps import PolicyLogps, completion_logps, supports_packing
 from .loss import kto_loss
 from .metrics import Meter, peak_memory_mb
@@ -143,6 +144,7 @@ class Recipe:
         self.model = add_lora(load_base(cfg.model, load_in_4bit=cfg.load_in_4bit, precision=self.precision,
                                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                         attn_implementation=cfg.attn_implementation), cfg)
+        output_head(self.model)  # a head that is not a (scaled / capped) linear layer is refused here, not trained wrong
         self.packed = cfg.padding_free if cfg.padding_free is not None else supports_packing(self.model)
         self.pad_id = self.tokenizer.pad_token_id
 
@@ -151,10 +153,9 @@ class Recipe:
         self.batches_per_epoch = len(self.epoch_plan(self.train_split, 0))
         self.steps = plan_steps(lambda e: self.epoch_plan(self.train_split, e), self.batches_per_epoch, cfg)
         n_epochs = self.steps[-1][-1][0] + 1  # the epoch of the last micro-batch
-        self.train_split.kl_partners = [kl_partners(len(self.train_split.examples), seed=cfg.seed, epoch=e)
-                                        for e in range(n_epochs)]
+        self.train_split.kl_partners = [self.pairing(self.train_split, e) for e in range(n_epochs)]
         if self.eval_split:
-            self.eval_split.kl_partners = [kl_partners(len(self.eval_split.examples), seed=cfg.seed, epoch=0)]
+            self.eval_split.kl_partners = [self.pairing(self.eval_split, 0)]
 
         # optimizer and schedule over the LoRA weights only
         self.optimizer = make_optimizer(self.model, cfg)
@@ -181,6 +182,13 @@ class Recipe:
                              f"{self.accelerator.num_processes} processes")
         return batches[self.accelerator.process_index :: self.accelerator.num_processes][:per_process]
 
+    def pairing(self, split: Split, epoch: int) -> list[int]:
+        """Each example's KL partner: another example with a completion of similar length (a derangement,
+        new every epoch unless kl_pairing is "fixed")."""
+        return kl_partners(len(split.examples), seed=self.config.seed,
+                           epoch=epoch if self.config.kl_pairing == "per_epoch" else 0,
+                           lengths=[len(e.completion_ids) for e in split.examples])
+
     def compute_reference_columns(self, split: Split) -> None:
         """log pi_ref of every example and of every epoch's KL rows: one no-grad pass each, cached on disk."""
         ex, cfg = split.examples, self.config
@@ -191,10 +199,15 @@ class Recipe:
             split.reference_logps = cached_reference_logps(
                 self.model, [(e.prompt_ids, e.completion_ids) for e in ex], desc="reference log-probs", **kw)
             if cfg.loss_type == "kto":  # apo_zero_unpaired has no z0, hence no KL rows
-                split.reference_kl_logps = [cached_reference_logps(
-                    self.model, [(e.prompt_ids, ex[p[i]].completion_ids[: cfg.max_length - len(e.prompt_ids)])
-                                 for i, e in enumerate(ex)], desc=f"reference KL log-probs, epoch {epoch + 1}", **kw)
-                    for epoch, p in enumerate(split.kl_partners)]
+                split.reference_kl_logps = []
+                for epoch, p in enumerate(split.kl_partners):
+                    if epoch and p == split.kl_partners[0]:  # kl_pairing: fixed -- the same rows again
+                        split.reference_kl_logps.append(split.reference_kl_logps[0])
+                        continue
+                    kl_rows = [(e.prompt_ids, ex[p[i]].completion_ids[: cfg.max_length - len(e.prompt_ids)])
+                               for i, e in enumerate(ex)]
+                    split.reference_kl_logps.append(cached_reference_logps(
+                        self.model, kl_rows, desc=f"reference KL log-probs, epoch {epoch + 1}", **kw))
 
     def micro_batch(self, split: Split, epoch: int, indices: list[int]) -> MicroBatch:
         ex, device, cfg = split.examples, self.accelerator.device, self.config

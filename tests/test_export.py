@@ -1,8 +1,10 @@
-"""Export: the zip's contents, a merge into full precision that keeps the adapter's outputs, the CLI."""
+"""Export: the zip's contents, the two merges (into the de-quantized 4-bit weights, into full precision), the CLI."""
 
 import contextlib
 import io
 import json
+import os
+import re
 import zipfile
 
 import pytest
@@ -40,7 +42,7 @@ def run(base_dir):
 @pytest.fixture(scope="module")
 def merged(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged") / "model"  # exists and is empty: allowed
-    return merge_adapter(run, out)
+    return merge_adapter(run, out, merge_from="full")
 
 
 def logits(model, ids):
@@ -122,18 +124,83 @@ def test_cli_zip_merge_and_errors(run, tmp_path, capsys):
     assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llama"
     out = capsys.readouterr().out
-    assert "GiB of RAM" in out and "AutoModelForCausalLM.from_pretrained" in out
-    assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 1  # not empty now
-    assert export.main(["--adapter", str(tmp_path / "nothing"), "--zip", str(tmp_path / "b.zip")]) == 1
+    assert "of RAM" in out and "AutoModelForCausalLM.from_pretrained" in out and "merge_from quantized" in out
+    assert "0.0 GiB" not in out and re.search(r"about \d+ (KiB|MiB) of RAM", out)  # a tiny model: not "0.0 GiB"
+    # usage and input errors exit 2 (cli.run)
+    assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 2  # not empty now
+    assert export.main(["--adapter", str(tmp_path / "nothing"), "--zip", str(tmp_path / "b.zip")]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        export.main(["--adapter", str(run)])  # --zip or --merge is required
+    assert export.main(["--adapter", str(run)]) == 2  # nothing to export chosen
+    assert "choose what to export" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        export.main(["--adapter", str(run), "--merge_from", "half"])
+    assert e.value.code == 2
 
 
-def test_merge_refuses_a_quantized_base(run, base_dir, tmp_path):
+def test_full_merge_refuses_a_quantized_base(run, base_dir, tmp_path):
     from kto_lite.model import load_base
 
     load_base(str(base_dir), load_in_4bit=True).save_pretrained(tmp_path / "base4")  # a "-bnb-4bit" checkpoint
     with pytest.raises(ValueError, match="full-precision"):
-        merge_adapter(run, tmp_path / "out", base=str(tmp_path / "base4"))
+        merge_adapter(run, tmp_path / "out", base=str(tmp_path / "base4"), merge_from="full")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the two merges
+
+
+def test_quantized_merge_reproduces_the_trained_4bit_model_and_full_drifts(run, tmp_path):
+    """The adapter was trained on NF4 weights: adding it to dequant(NF4(W)) gives the trained model back."""
+    from kto_lite.merge import load_trained, logprob_drift, merge, token_logps
+
+    ids = [([1, 11, 12, 30, 31, 32, 40, 41, 42, 43], 3), ([1, 13, 14, 50, 51, 52, 53], 2)]
+    trained = load_trained(run)  # 4-bit base + adapter, as training had it (config.yaml: load_in_4bit true)
+    assert type(trained.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    reference = token_logps(trained, ids)
+    quantized = merge(run, merge_from="quantized", dtype="fp32", trained=trained)
+    full = merge(run, merge_from="full", dtype="fp32")
+    assert type(quantized.model.model.layers[0].mlp.up_proj).__name__ == "Linear"  # plain again, saved as such
+    assert quantized.model.config.to_dict().get("quantization_config") is None
+    drift_q = logprob_drift(reference, token_logps(quantized.model, ids))
+    drift_f = logprob_drift(reference, token_logps(full.model, ids))
+    assert drift_q < 1e-5  # fp32: the same model up to summation order
+    assert drift_f > 100 * drift_q  # the full merge meets weights the adapter never saw
+    out = merge_adapter(run, tmp_path / "q", dtype="fp32")  # merge_from defaults to quantized for a 4-bit run
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert logprob_drift(reference, token_logps(reloaded, ids)) < 1e-5
+
+
+def test_a_run_trained_unquantized_has_only_the_full_merge(run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from kto_lite.merge import resolve_merge_from
+
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    (plain / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
+                                                      "load_in_4bit": False}))
+    assert resolve_merge_from(plain, None) == "full" and resolve_merge_from(plain, "quantized") == "full"
+    assert resolve_merge_from(run, None) == "quantized" and resolve_merge_from(run, "full") == "full"
+    with pytest.raises(ValueError, match="merge_from"):
+        resolve_merge_from(run, "half")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_files_the_user_receives_follow_the_umask(run, tmp_path):
+    """Issue 11: the zip was 0600 (mkstemp) and the merged folder 0700 (mkdtemp)."""
+    old = os.umask(0o022)
+    try:
+        zipped = zip_adapter(run, tmp_path / "a.zip")
+        folder = merge_adapter(run, tmp_path / "m", merge_from="full")
+    finally:
+        os.umask(old)
+    assert zipped.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644

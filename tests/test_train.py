@@ -409,3 +409,14 @@ def test_init_adapter_shape_conflicts_are_refused(trained, workdir):
         config(workdir, "conflict", init_adapter=str(trained), lora_r=32).resolved()
     with pytest.raises(ConfigError, match="holds no adapter"):
         config(workdir, "conflict", init_adapter=str(workdir)).resolved()
+
+
+def test_fixed_kl_pairing_pays_the_kl_reference_pass_once(workdir, monkeypatch):
+    calls = count_reference_passes(monkeypatch)
+    recipe = make_recipe(config(workdir, "fixed_pairs", num_epochs=2, kl_pairing="fixed"))
+    assert recipe.train_split.kl_partners[0] == recipe.train_split.kl_partners[1]
+    recipe.compute_reference_columns(recipe.train_split)
+    assert calls == ["reference log-probs", "reference KL log-probs, epoch 1"]
+    assert recipe.train_split.reference_kl_logps[1] is recipe.train_split.reference_kl_logps[0]
+    per_epoch = make_recipe(config(workdir, "per_epoch_pairs", num_epochs=2))
+    assert per_epoch.train_split.kl_partners[0] != per_epoch.train_split.kl_partners[1]

@@ -144,3 +144,39 @@ def test_rate_answers_save_them_and_train_the_next_round(tmp_path, page):
         page.get_by_role("tab", name="Data").click()  # the new rows are offered as training data
         page.get_by_label(re.compile("feedback from the Chat tab")).click()
         page.get_by_role("option", name=f"{run.name}: {rated['liked']} liked / {rated['disliked']} disliked").wait_for()
+
+
+def test_export_tab_makes_a_gguf(tmp_path, page):
+    """A finished run (real adapter on the demo model): Export -> GGUF f16 -> the file, the Modelfile, the commands."""
+    import json
+
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kto_lite.demo import DEMO_MODEL_DIR
+
+    runs = tmp_path / "runs"
+    run = runs / "20250101-000000-gguf"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.save_pretrained(run)
+    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": None, "load_in_4bit": True}))
+    (run / "status.json").write_text(json.dumps({"status": "finished", "phase": "finished", "step": 1,
+                                                 "total_steps": 1, "pid": None, "message": ""}))
+    with running_app(runs) as url:
+        page.goto(url, wait_until="load")
+        page.get_by_role("tab", name="Export").click()
+        page.get_by_text("needs about").wait_for()
+        page.get_by_text("merged model, f16").click()
+        page.get_by_role("button", name="Make the GGUF").click()
+        run_it = page.locator(".block", has=page.get_by_text("run it", exact=True))
+        run_it.get_by_text(re.compile("ollama create 20250101-000000-gguf")).wait_for()  # the commands box
+        download = page.locator(".block", has=page.get_by_text("download", exact=True)).nth(1)
+        download.get_by_text("20250101-000000-gguf-quantized-f16").first.wait_for()  # the files offered
+        for suffix in (".gguf", ".Modelfile"):  # Gradio shows a name's stem and suffix apart
+            download.get_by_text(suffix, exact=True).wait_for()
+        assert (run / "gguf" / "20250101-000000-gguf-quantized-f16.gguf").is_file()
+        shot(page, "5-export-gguf")

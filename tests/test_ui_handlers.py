@@ -19,6 +19,7 @@ import pytest
 from kto_lite.__main__ import train_config
 from kto_lite.config import ConfigError, TrainConfig
 from kto_lite.demo import DEMO_SAMPLES
+from kto_lite.memory import format_bytes
 from ui import chat_handlers as ch
 from ui import form, handlers, jobs
 
@@ -522,7 +523,7 @@ def test_zip_and_snippet(runs):
     run = make_run(runs, "20250101-000000-a", adapter=True)
     (run / "config.yaml").write_text("model: null\n")
     path, message = ch.zip_run(str(run))
-    assert Path(path).name == f"{run.name}-adapter.zip" and "MiB" in message
+    assert Path(path).name == f"{run.name}-adapter.zip" and format_bytes(Path(path).stat().st_size) in message
     assert f"{run.name}/adapter_model.safetensors" in zipfile.ZipFile(path).namelist()
     assert "PeftModel.from_pretrained" in ch.load_code(str(run), "adapter")
     assert "merge the adapter first" in ch.load_code(str(run), "merged")
@@ -542,3 +543,70 @@ def test_app_builds_with_one_tab_per_concern():
     tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
     assert tabs == ["Data", "Train", "Chat", "Rate", "Export"]
     assert sys.modules["ui.app"].demo is not None
+
+
+# ---------------------------------------------------------------------- Export tab: merge, GGUF, Hub (real exports)
+def _final(generator):
+    """The last value a streaming handler yields."""
+    import collections
+
+    return collections.deque(generator, maxlen=1)[0]
+
+
+@pytest.fixture
+def demo_adapter_run(runs, request):
+    """A finished run on the demo model with a real (random) LoRA adapter; with its data file when the test
+    parametrizes it indirectly with True (the export then measures the merges' drift: slower)."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kto_lite.demo import DEMO_MODEL_DIR
+
+    run = make_run(runs, "20250101-000000-demo")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.save_pretrained(run)
+    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(run)
+    data = str(next(iter(DEMO_SAMPLES.values()))) if getattr(request, "param", False) else None
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": None, "load_in_4bit": True, "data": data}))
+    return run
+
+
+@pytest.mark.parametrize("demo_adapter_run", [True], indirect=True, ids=["with-data"])
+def test_merge_then_the_snippet_radio_follows_and_sizes_are_readable(demo_adapter_run):
+    assert ch.snippet_after_merge(str(demo_adapter_run)) == SKIP  # nothing merged yet: the radio stays
+    log, snippet = _final(ch.merge_run(str(demo_adapter_run), "quantized"))
+    assert (demo_adapter_run / "merged" / "config.json").is_file(), log["value"]
+    assert "of RAM" in log["value"] and "0.0 GiB" not in log["value"] and "mean |Δ log p|" in log["value"]
+    assert "AutoModelForCausalLM.from_pretrained" in snippet and "merged" in snippet
+    assert ch.snippet_after_merge(str(demo_adapter_run)) == "merged"  # the radio says what the snippet shows
+    assert ch.load_code(str(demo_adapter_run), "merged") == snippet
+    log, _ = _final(ch.merge_run(str(demo_adapter_run), "full"))
+    assert (demo_adapter_run / "merged-full" / "config.json").is_file(), log["value"]
+
+
+def test_gguf_export_gives_the_file_the_modelfile_and_the_commands(demo_adapter_run):
+    log, files, commands = _final(ch.gguf_run(str(demo_adapter_run), "q8_0", "quantized"))
+    names = sorted(Path(f).name for f in files)
+    assert names == ["20250101-000000-demo-quantized-q8_0.Modelfile", "20250101-000000-demo-quantized-q8_0.gguf"], \
+        log["value"]
+    assert "llama-cli -m" in commands and "ollama create 20250101-000000-demo -f" in commands
+    log, files, commands = _final(ch.gguf_run(str(demo_adapter_run), "lora"))
+    assert [Path(f).name for f in files] == ["20250101-000000-demo-lora.gguf"] and "--base_gguf" in log["value"]
+
+
+def test_hub_push_without_a_token_explains_and_with_one_links(demo_adapter_run, monkeypatch, tmp_path):
+    from test_hub import stand_in_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    log, message = _final(ch.push_run(str(demo_adapter_run), "me/demo"))
+    assert "HF_TOKEN" in log["value"] and "failed" in message
+    with stand_in_hub(monkeypatch) as calls:
+        monkeypatch.delenv("HF_HUB_OFFLINE")  # the export runs in a subprocess: offline comes from the environment
+        log, message = _final(ch.push_run(str(demo_adapter_run), "me/demo", False))
+    assert "Uploaded: [http://127.0.0.1" in message, log["value"]
+    assert any(path == "/api/repos/create" for _, path, *_ in calls)
+    assert (demo_adapter_run / "README.md").read_text().startswith("---")

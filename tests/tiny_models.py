@@ -71,3 +71,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return Path(path)
+
+
+def make_arch_model_dir(path: Path, model_type: str = "llama", *, seed: int = 0) -> Path:
+    """A random 2-layer model of `model_type` (llama, mistral, qwen2, gemma2) with a byte-level BPE tokenizer.
+
+    For the GGUF export: its tokenizer is one llama.cpp knows (GPT-2 style BPE, with a chat template).
+    Gemma-2 keeps its default head_dim 256 and query_pre_attn_scalar 256, as the real models have.
+    """
+    from conftest import CHAT_TEMPLATE, build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(CHAT_TEMPLATE, eos_token="<|end|>")
+    # vocab padded past the tokenizer (as real models pad theirs; transformers' Qwen2 tokenizer adds a token)
+    sizes = dict(vocab_size=416, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if model_type != "gemma2":
+        sizes["head_dim"] = 16
+    config = AutoConfig.for_model(model_type, **sizes, tie_word_embeddings=model_type in ("qwen2", "gemma2"))
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norms and biases too, so a wrong mapping of them shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.normal_(0.0 if name.endswith(".bias") else 1.0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)

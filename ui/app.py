@@ -247,6 +247,9 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Export", id="export") as export_tab:
             export_run = gr.Dropdown(choices=[], label="run", info="Runs with a saved adapter.",
                                      allow_custom_value=True)
+            merge_from = gr.Radio(ch.MERGE_CHOICES, value="quantized", label="merge the adapter",
+                                  info="Merged folders and merged GGUF files start from this merge. The 4-bit one "
+                                       "behaves like the trained model; see docs/export.md for the measured gap.")
             with gr.Row():
                 with gr.Column():
                     gr.Markdown("### Adapter (small)\nThe LoRA weights, tokenizer and run record, as a zip.")
@@ -254,12 +257,31 @@ def build_demo() -> gr.Blocks:
                     zip_file = gr.File(label="download", interactive=False, height=80)
                     zip_message = gr.Markdown()
                 with gr.Column():
-                    gr.Markdown("### Merged model\nThe adapter merged into a full-precision copy of the base, "
-                                "saved as safetensors.")
+                    gr.Markdown("### Merged model\nThe adapter merged into the base, saved as safetensors "
+                                "(loads without peft).")
                     merge_info = gr.Markdown("Train a run first: only runs with a saved adapter can be exported.")
                     merge_button = gr.Button("Merge")
                     merge_log = gr.Code(language=None, label="merge output", lines=3, max_lines=12, wrap_lines=True,
                                         visible=False)
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("### GGUF (llama.cpp, Ollama, LM Studio)\nOne file with the tokenizer and chat "
+                                "template, and an Ollama Modelfile next to it.")
+                    gguf_kind = gr.Radio(ch.GGUF_CHOICES, value="f16", label="GGUF")
+                    gguf_button = gr.Button("Make the GGUF")
+                    gguf_files = gr.File(label="download", interactive=False, file_count="multiple", height=100)
+                    gguf_commands = gr.Code(language="shell", label="run it", lines=2, wrap_lines=True)
+                    gguf_log = gr.Code(language=None, label="export output", lines=3, max_lines=12, wrap_lines=True,
+                                       visible=False)
+                with gr.Column():
+                    gr.Markdown("### Hugging Face Hub\nThe adapter with a model card (settings, metrics, data "
+                                "summary, how to load it). Needs a token: HF_TOKEN or `hf auth login`.")
+                    hub_repo = gr.Textbox(label="repo id", placeholder="your-name/my-kto-model")
+                    hub_private = gr.Checkbox(label="private repo", value=True)
+                    hub_button = gr.Button("Push to the Hub")
+                    hub_message = gr.Markdown()
+                    hub_log = gr.Code(language=None, label="upload output", lines=3, max_lines=12, wrap_lines=True,
+                                      visible=False)
             snippet_kind = gr.Radio(["adapter", "merged"], value="adapter", label="load it with transformers / peft")
             snippet = gr.Code(language="python", label="Python", lines=10, wrap_lines=True)
 
@@ -334,7 +356,12 @@ def build_demo() -> gr.Blocks:
             ch.load_code, [export_run, snippet_kind], snippet, api_visibility="private")
         snippet_kind.change(ch.load_code, [export_run, snippet_kind], snippet, api_visibility="private")
         zip_button.click(ch.zip_run, export_run, [zip_file, zip_message], api_name="zip")
-        merge_button.click(ch.merge_run, export_run, [merge_log, snippet], api_name="merge", concurrency_limit=1)
+        merge_button.click(ch.merge_run, [export_run, merge_from], [merge_log, snippet], api_name="merge",
+                           concurrency_limit=1, concurrency_id="export").then(
+            ch.snippet_after_merge, export_run, snippet_kind, api_visibility="private")  # the radio follows
+        gguf_button.click(ch.gguf_run, [export_run, gguf_kind, merge_from], [gguf_log, gguf_files, gguf_commands],
+                          api_name="gguf", concurrency_limit=1, concurrency_id="export")
+        hub_button.click(ch.push_run, [export_run, hub_repo, hub_private], [hub_log, hub_message], api_name="push")
 
         demo.load(h.progress, [run_pick, progress_sig], progress_outputs, api_visibility="private")
         demo.load(h.refresh_feedback_choices, feedback, feedback, api_visibility="private")

@@ -10,7 +10,10 @@ subprocess, so the full-precision copy of the base never lives in the app's memo
 from __future__ import annotations
 
 import gc
+import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -270,6 +273,12 @@ def on_like(history, source: str, base_model: str, turns: dict | None, column: s
 
 
 # ---------------------------------------------------------------------- Export tab
+MERGE_CHOICES = [("into the 4-bit weights it was trained on (faithful)", "quantized"),
+                 ("into the full-precision weights", "full")]
+GGUF_CHOICES = [("merged model, f16", "f16"), ("merged model, q8_0 (half the size)", "q8_0"),
+                ("LoRA adapter alone (on your base GGUF)", "lora")]
+
+
 def export_choices(current: str | None = None):
     choices = [(f"{run.name} · {jobs.run_state(run).state}", str(run))
                for run in jobs.list_runs(SETTINGS.runs_dir) if jobs.has_adapter(run)]
@@ -280,69 +289,154 @@ def export_choices(current: str | None = None):
 def zip_run(run: str | None):
     """(zip file for download, message). The zip goes to a temporary folder Gradio may serve."""
     from kto_lite.export import zip_adapter
+    from kto_lite.memory import format_bytes
 
     if not run:
         return None, "Choose a run with a saved adapter first."
     run = run_folder(run)
     out = Path(tempfile.gettempdir()) / "kto_lite_exports" / f"{Path(run).name}-adapter.zip"
     zip_adapter(run, out)
-    return str(out), f"`{out.name}`: {out.stat().st_size / 2**20:.2f} MiB (adapter, tokenizer, config, metrics)."
+    return str(out), f"`{out.name}`: {format_bytes(out.stat().st_size)} (adapter, tokenizer, config, metrics)."
 
 
 def merge_notice(run: str | None) -> str:
-    """What a merge needs: the base reloaded in full precision on the CPU."""
+    """What a merge needs: the base reloaded on the CPU, and its RAM."""
     if not run:
         return "Train a run first: only runs with a saved adapter can be exported."
     import psutil
 
     from kto_lite.chat import adapter_base
+    from kto_lite.export import estimate_merge_memory
+    from kto_lite.memory import format_bytes
 
     run = run_folder(run)
-    from kto_lite.export import estimate_merge_memory
-
     base = adapter_base(run)
     try:
         need = estimate_merge_memory(base)
     except (OSError, ValueError) as e:
-        return f"⚠ Merging reloads `{base}` in full precision (could not estimate the memory: {e})."
+        return f"⚠ Merging reloads `{base}` on the CPU (could not estimate the memory: {e})."
     free = psutil.virtual_memory().available
     verdict = "✓" if need < free else "⚠ **not enough free RAM**:"
-    return (f"{verdict} Merging reloads `{base}` unquantized on the CPU (never into the 4-bit weights) and "
-            f"needs about **{_size(need)}** of RAM; {_size(free)} is free now. The merged model is saved "
-            "in the run folder, under `merged/`.")
+    return (f"{verdict} Merging reloads `{base}` unquantized on the CPU and needs about **{format_bytes(need)}** "
+            f"of RAM; {format_bytes(free)} is free now. The faithful merge adds the adapter to the de-quantized "
+            "4-bit weights it was trained on; the merged model is saved in the run folder.")
 
 
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+def merged_dir(run: Path, merge_from: str | None) -> Path:
+    """RUN/merged for the run's default merge (quantized for a 4-bit run), RUN/merged-full for the other."""
+    from kto_lite.merge import resolve_merge_from
+
+    chosen = resolve_merge_from(run, merge_from)
+    return run / ("merged" if chosen == resolve_merge_from(run, None) else f"merged-{chosen}")
 
 
-def merge_run(run: str | None):
-    """Run `python -m kto_lite export --adapter RUN --merge RUN/merged`, streaming its output.
-
-    Yields (merge log, load snippet); the log box is shown once there is something in it.
-    """
-    def show(text: str):
-        return gr.update(value=text, visible=True)
-
-    if not run:
-        yield show("Choose a run first."), gr.skip()
-        return
-    run = run_folder(run)
-    out = run / "merged"
-    if out.exists():
-        yield show(f"{out} already exists (merged before)."), load_code(run, "merged")
-        return
-    argv = [sys.executable, "-m", "kto_lite", "export", "--adapter", str(run), "--merge", str(out)]
+def _export(argv: list[str]):
+    """Run `python -m kto_lite export ...`; yields the growing log, then (log, exit code) last."""
+    argv = [sys.executable, "-m", "kto_lite", "export", *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = f"$ python {' '.join(argv[1:])}\n"
     for line in proc.stdout:
         log += line
-        yield show(log), gr.skip()
+        yield log
     proc.wait()
-    if proc.returncode != 0:
-        yield show(log + f"\nmerge failed (exit code {proc.returncode})"), gr.skip()
+    yield log, proc.returncode
+
+
+def _show(text: str):
+    return gr.update(value=text, visible=True)
+
+
+def merge_run(run: str | None, merge_from: str | None = "quantized"):
+    """Run `python -m kto_lite export --adapter RUN --merge RUN/merged[-full]`, streaming its output.
+
+    Yields (merge log, load snippet); the log box is shown once there is something in it.
+    """
+    if not run:
+        yield _show("Choose a run first."), gr.skip()
         return
-    yield show(log), load_code(run, "merged")
+    run = run_folder(run)
+    out = merged_dir(run, merge_from)
+    if out.exists():
+        yield _show(f"{out} already exists (merged before)."), load_code(run, "merged")
+        return
+    for step in _export(["--adapter", str(run), "--merge", str(out), "--merge_from", merge_from or "quantized"]):
+        if isinstance(step, str):
+            yield _show(step), gr.skip()
+    log, code = step
+    if code != 0:
+        yield _show(log + f"\nmerge failed (exit code {code})"), gr.skip()
+        return
+    yield _show(log), load_code(run, "merged")
+
+
+def snippet_after_merge(run: str | None):
+    """After a merge: the radio says "merged" (its change event shows the merged code)."""
+    if not run or not any((run_folder(run) / name / "config.json").is_file() for name in ("merged", "merged-full")):
+        return gr.skip()
+    return "merged"
+
+
+def _commands(log: str) -> str:
+    """The "run it:" lines the command printed (llama.cpp, Ollama), or its advice when there are none."""
+    lines = [line.strip() for line in log.splitlines() if line.strip().startswith(("llama.cpp:", "Ollama:"))]
+    return "\n".join(line.split(":", 1)[1].strip() for line in lines)
+
+
+def _servable(path: Path) -> str:
+    """A path Gradio may serve: under the working directory or the temp folder, else linked into the temp folder."""
+    resolved = path.resolve()
+    roots = [Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve()]
+    if any(resolved.is_relative_to(r) for r in roots):
+        return str(path)
+    target = Path(tempfile.gettempdir()) / "kto_lite_exports" / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(resolved, target)  # no copy of a big file when on the same disk
+    except OSError:
+        shutil.copyfile(resolved, target)
+    return str(target)
+
+
+def gguf_run(run: str | None, kind: str = "f16", merge_from: str | None = "quantized"):
+    """Run `python -m kto_lite export --gguf` (or --gguf_lora). Yields (log, files to download, commands)."""
+    if not run:
+        yield _show("Choose a run first."), gr.skip(), gr.skip()
+        return
+    run = run_folder(run)
+    flags = ["--gguf_lora"] if kind == "lora" else ["--gguf", "--quant", kind, "--merge_from", merge_from or "quantized"]
+    for step in _export(["--adapter", str(run), *flags]):
+        if isinstance(step, str):
+            yield _show(step), gr.skip(), gr.skip()
+    log, code = step
+    if code != 0:
+        yield _show(log + f"\nGGUF export failed (exit code {code})"), None, ""
+        return
+    written = [Path(m) for m in re.findall(r"^wrote (\S+\.(?:gguf|Modelfile))", log, re.MULTILINE)]
+    written += [Path(m) for m in re.findall(r" and (\S+\.Modelfile)", log)]
+    files = [_servable(p) for p in dict.fromkeys(written) if p.is_file()]
+    yield _show(log), files, _commands(log)
+
+
+def push_run(run: str | None, repo_id: str, private: bool = True):
+    """Run `python -m kto_lite export --push_to_hub REPO`. Yields (log, message with the link)."""
+    if not run:
+        yield _show("Choose a run first."), gr.skip()
+        return
+    if not (repo_id or "").strip():
+        yield _show("Give a repo id: OWNER/NAME."), gr.skip()
+        return
+    run = run_folder(run)
+    argv = ["--adapter", str(run), "--push_to_hub", repo_id.strip(), "--hub_private", str(bool(private)).lower()]
+    for step in _export(argv):
+        if isinstance(step, str):
+            yield _show(step), gr.skip()
+    log, code = step
+    url = re.search(r"^uploaded: (\S+)", log, re.MULTILINE)
+    if code != 0 or not url:
+        yield _show(log + f"\nupload failed (exit code {code})"), "**Upload failed**: see the log."
+        return
+    yield _show(log), f"✓ Uploaded: [{url.group(1)}]({url.group(1)})"
 
 
 def load_code(run: str | None, kind: str = "adapter") -> str:
@@ -351,7 +445,9 @@ def load_code(run: str | None, kind: str = "adapter") -> str:
     if not run:
         return ""
     run = run_folder(run)
-    path = run / "merged" if kind == "merged" else run
-    if not (path / "config.json").is_file() and kind == "merged":
-        return "# merge the adapter first (Merge button above)"
-    return load_snippet(path, kind)
+    if kind != "merged":
+        return load_snippet(run, kind)
+    for name in ("merged", "merged-full"):
+        if (run / name / "config.json").is_file():
+            return load_snippet(run / name, "merged")
+    return "# merge the adapter first (Merge button above)"
