@@ -167,6 +167,9 @@ def check_output_head(base, head: OutputHead) -> None:
     vocab = head.module.weight.shape[0]
     device = head.module.weight.device
     ids = (torch.arange(3, 11, device=device) * 7919 % vocab)[None]  # 8 arbitrary valid tokens, (1, 8)
+    from .model import keep_4bit_layout_trainable
+
+    keep_4bit_layout_trainable(base)  # this eval no-grad pass must not repack 4-bit weights (model.py says why)
     was_training = base.training
     base.eval()  # no dropout: both passes see the same hidden states
     try:

@@ -33,6 +33,7 @@ from .batching import Rows, collate, epoch_batches, kl_partners
 from .config import ConfigError, TrainConfig, resolve_optimizer
 from .data import TokenizedExample, load_data, tokenize
 from .head import output_head
+from .hub import check_hub_access, push_run, write_model_card
 from .logps import PolicyLogps, completion_logps, supports_packing
 from .loss import kto_loss
 from .metrics import Meter, peak_memory_mb
@@ -387,6 +388,8 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     """Run a whole training as `config` says; returns output_dir. Raises on failure, after writing status."""
     config = config.resolved()
     _check_tracker_installed(config.report_to)
+    if config.push_to_hub:
+        check_hub_access(config.push_to_hub)  # no token: say so now, not after hours of training
     precision = choose_precision(config.mixed_precision)
     accelerator = Accelerator(  # cpu=True lets `torchrun` on a CPU-only machine use gloo
         mixed_precision=precision, cpu=not torch.cuda.is_available(),
@@ -414,9 +417,14 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
         for sig, handler in previous.items():
             if handler is not None:
                 _set_signal(sig, handler)
-    if accelerator.is_main_process and show_progress:
-        print(summary(Path(config.output_dir), result))
-    return Path(config.output_dir)
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        write_model_card(out, config.push_to_hub)  # README.md: how it was trained, how to load it
+        if config.push_to_hub and result["state"] == "finished":
+            result["url"] = push_run(out, config.push_to_hub, private=config.hub_private)
+        if show_progress:
+            print(summary(out, result))
+    return out
 
 
 def _prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path | None:
@@ -483,6 +491,8 @@ def summary(output_dir: Path, result: dict) -> str:
             lines.append(f"  {name:<14} {first:.4f} -> {last:.4f}  (first -> last {len(tail)} logged steps)")
     lines.append(f"  adapter        {output_dir}")
     lines.append(f"  chat with it   python -m kto_lite chat --adapter {output_dir}")
+    if result.get("url"):
+        lines.append(f"  on the Hub     {result['url']}")
     if result["state"] == "stopped":
         lines.append(f"  resume         python -m kto_lite train {output_dir / 'config.yaml'} "
                      f"--resume_from_checkpoint true")

@@ -153,3 +153,26 @@ def test_cli_push_checks_the_token_before_anything_else(run_dir, monkeypatch, tm
         assert export.main(["--adapter", str(run_dir), "--push_to_hub", "me/x", "--hub_private", "false"]) == 0
     assert json.loads(next(b for _, p, b, _ in calls if p == "/api/repos/create"))["visibility"] == "public"
     assert "README.md" in _commit_files(calls) and "uploaded: http://127.0.0.1" in capsys.readouterr().out
+
+
+def test_training_with_push_to_hub_checks_first_and_uploads_at_the_end(monkeypatch, tmp_path):
+    from tiny_models import learnable_rows, make_model_dir, write_jsonl
+
+    from kto_lite.config import TrainConfig
+    from kto_lite.train import train
+
+    model = make_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "rows.jsonl", learnable_rows(16, seed=0))
+    config = TrainConfig(model=str(model), data=str(data), output_dir=str(tmp_path / "run"), lora_r=4, max_steps=1,
+                         batch_size=4, gradient_accumulation_steps=1, max_length=64, push_to_hub="me/tiny-kto")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with pytest.raises(ConfigError, match="HF_TOKEN"):
+        train(config, show_progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written or loaded
+    with stand_in_hub(monkeypatch) as calls:
+        out = train(config, show_progress=False)
+    files = _commit_files(calls)
+    assert {"adapter_model.safetensors", "README.md", "config.yaml", "metrics.jsonl"} <= set(files)
+    assert not any(name.startswith("checkpoints/") for name in files)
+    assert files["README.md"] == (out / "README.md").read_bytes() and b"library_name: peft" in files["README.md"]
