@@ -22,7 +22,8 @@ commands:
   sample --model M --prompts FILE --out F   generate answers (optionally judge them into KTO rows)
   evaluate --prompts FILE --judge J ...     sampled accuracy of the base and of adapters, with a judge
   loop CONFIG.yaml --rounds N ...           sample -> judge -> train -> evaluate, one run folder per round
-  export --adapter DIR [--zip|--merge|--gguf|--gguf_lora|--push_to_hub]   ship a trained adapter
+  export --adapter DIR (--zip F | --merge D | --gguf | --gguf_lora | --push_to_hub REPO)
+                                            ship an adapter: zip, merged model, GGUF for llama.cpp / Ollama, the Hub
   estimate [CONFIG.yaml] [--FIELD VALUE]    predict peak GPU memory for a config, with a breakdown
 """
 
