@@ -45,14 +45,17 @@ def run_settings(adapter_dir: str | Path) -> dict:
     return values if isinstance(values, dict) else {}
 
 
-def adapter_base(adapter_dir: str | Path) -> str:
-    """The base model an adapter was trained on: config.yaml's `model`, else adapter_config.json's."""
+def adapter_base(adapter_dir: str | Path, *, resolve: bool = True) -> str:
+    """The base model an adapter was trained on: config.yaml's `model`, else adapter_config.json's.
+
+    resolve: what `from_pretrained` loads (a GGUF file's converted folder, the demo model for none);
+    False: the name as the run gave it (e.g. the .gguf path itself)."""
     base = run_settings(adapter_dir).get("model")
     if not base:
         config = Path(adapter_dir) / "adapter_config.json"
         if config.is_file():
             base = json.loads(config.read_text()).get("base_model_name_or_path")
-    return resolve_model(base)
+    return resolve_model(base) if resolve else base
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:

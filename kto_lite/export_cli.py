@@ -13,6 +13,7 @@ from . import cli
 from .chat import adapter_base, check_adapter_dir
 from .memory import format_bytes
 from .merge import DTYPES, MERGE_FROM
+from .model import resolve_model
 
 DESCRIPTION = """Ship a trained adapter: a zip, a merged model, a GGUF file for llama.cpp / Ollama, the Hub.
 
@@ -192,17 +193,26 @@ def ollama_name(adapter: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", adapter.resolve().name.lower()).strip("-.") or "kto-lite"
 
 
+def _gguf_file(name: str | None) -> str | None:
+    """The GGUF file a run was trained from (model: a .gguf file, or a folder holding one), else None."""
+    from .gguf_input import gguf_source
+
+    found = gguf_source(str(name)) if name else None
+    return str(found) if found is not None else None
+
+
 def export_gguf(adapter: Path, args) -> list[Path]:
     from .export_gguf import architecture, base_config, write_gguf
     from .gguf_vocab import adds_special
     from .modelfile import modelfile, write_modelfile
 
-    base = args.base or adapter_base(adapter)
+    named = args.base or adapter_base(adapter, resolve=False)
+    base = resolve_model(named)
     architecture(base_config(base))  # refuse an unsupported model before merging
     dtype = "fp16" if args.dtype == "auto" else args.dtype
     merged = merged_with_drift(adapter, args, dtype)
     out = Path(args.out) if args.out else _default_gguf(adapter, f"{merged.merge_from}-{args.quant}")
-    base_gguf = base if base.endswith(".gguf") else None
+    base_gguf = _gguf_file(named)
     print(f"writing {out} ({args.quant})", flush=True)
     write_gguf(merged.model, merged.tokenizer, out, quant=args.quant, name=adapter.resolve().name,
                base_gguf=base_gguf)
@@ -221,10 +231,11 @@ def export_gguf_lora(adapter: Path, args) -> list[Path]:
     from .model import load_tokenizer
     from .modelfile import modelfile, write_modelfile
 
-    base = args.base or adapter_base(adapter)
+    named = args.base or adapter_base(adapter, resolve=False)
+    base = resolve_model(named)
     config = base_config(base)
     arch = architecture(config)
-    base_gguf = args.base_gguf or (base if base.endswith(".gguf") else None)
+    base_gguf = args.base_gguf or _gguf_file(named)
     if base_gguf:
         found = read_metadata(base_gguf).get("general.architecture")
         if found != arch.gguf_name:
@@ -240,7 +251,7 @@ def export_gguf_lora(adapter: Path, args) -> list[Path]:
               "convert_hf_to_gguf.py makes one) to get a Modelfile. With it:\n"
               f"  llama.cpp: llama-cli -m BASE.gguf --lora {out}")
         return [out]
-    if base.endswith(".gguf") and not args.base_gguf:
+    if not args.base_gguf:
         print(f"the run was trained from {base_gguf}: that file is the base (GGUF in, aligned GGUF out)")
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
     text, has_template = modelfile(str(Path(base_gguf).resolve()), load_tokenizer(str(tokenizer_source)),

@@ -8,6 +8,7 @@ sharding, for padded and packed rows.
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from kto_lite.config import TrainConfig
 from kto_lite.logps import PolicyLogps
 
 
-def main(path: str) -> None:
+def main(path: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
@@ -57,10 +58,11 @@ def main(path: str) -> None:
     fully_shard(policy)
     local_after = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
     after = {name: step(rows) for name, rows in layouts.items()}
-    print(json.dumps({"rank": dist.get_rank(), "before": before, "after": after,
-                      "local_params": [local_before, local_after]}), flush=True)
+    result = {"rank": dist.get_rank(), "before": before, "after": after, "local_params": [local_before, local_after]}
+    # one file per process: two processes printing to one pipe can interleave their lines
+    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -42,6 +42,7 @@ REVERSED = f"python:{ROOT / 'recipes' / 'demo_task.py'}:reversed_judge"
 def config(output_dir: Path) -> TrainConfig:
     """The demo recipe's settings (recipes/demo.py), one epoch per round."""
     return TrainConfig(model=str(DEMO_MODEL_DIR), output_dir=str(output_dir), num_epochs=1, load_in_4bit=False,
+                       learning_rate=3e-4, beta=0.5,
                        gradient_checkpointing=False, batch_size=8, gradient_accumulation_steps=2, max_length=64,
                        max_prompt_length=32, desirable_weight="auto", undesirable_weight="auto", save_steps=0,
                        seed=SEED)

@@ -179,7 +179,7 @@ def test_merge(run, gguf, examples, tmp_path):
 
     from kto_lite.export import merge_adapter
 
-    merged_dir = merge_adapter(run["out"], tmp_path / "merged")
+    merged_dir = merge_adapter(run["out"], tmp_path / "merged", merge_from="full")  # into the fp32 weights
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     base = load_base(str(gguf), load_in_4bit=False)  # fresh: peft injects its layers into the model it wraps
     with_adapter = PeftModel.from_pretrained(base, str(run["out"])).eval()

@@ -307,7 +307,7 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
         if previous is not None:
             from kto_lite.chat import adapter_base
 
-            values["model"] = adapter_base(previous)
+            values["model"] = adapter_base(previous, resolve=False)
     label = _round_label(previous, values)
     values.update(data=str(h.stage_file(feedback, "feedback-")), resume_from_checkpoint=False,
                   output_dir=str(jobs.new_run_dir(h.SETTINGS.runs_dir, label)), max_steps=None,
