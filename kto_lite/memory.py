@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_optimizer
 from .head import bytes_per_logit, chunk_rows  # the output head's (rows, vocab) chunks
 from .reference import REFERENCE_BATCH_MULTIPLIER  # reference precompute batch = this x batch_size
 
@@ -340,9 +340,7 @@ def _adapted(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int
 
 
 def _optimizer(config: TrainConfig, device: str) -> str:
-    if config.optimizer != "auto":
-        return config.optimizer
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    return resolve_optimizer(config.optimizer, device)  # the trainer's own 'auto' rule
 
 
 def _optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> int:

@@ -420,3 +420,14 @@ def test_fixed_kl_pairing_pays_the_kl_reference_pass_once(workdir, monkeypatch):
     assert recipe.train_split.reference_kl_logps[1] is recipe.train_split.reference_kl_logps[0]
     per_epoch = make_recipe(config(workdir, "per_epoch_pairs", num_epochs=2))
     assert per_epoch.train_split.kl_partners[0] != per_epoch.train_split.kl_partners[1]
+
+
+def test_the_command_line_prints_nothing_a_user_cannot_act_on(workdir):
+    """No bitsandbytes "install kernels" advice, no transformers FutureWarnings (issue 11); the summary."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(_cli(workdir, "quiet", "--max_steps", "1"), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    noise = ("kernels-community", "FutureWarning", "is deprecated")
+    assert not [n for n in noise if n in result.stdout + result.stderr], result.stderr[-2000:]
+    assert f"chat with it   python -m kto_lite chat --adapter {workdir / 'quiet'}" in result.stdout
