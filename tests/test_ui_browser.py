@@ -118,6 +118,8 @@ def test_rate_answers_save_them_and_train_the_next_round(tmp_path, page):
     with running_app(runs) as url:
         page.goto(url, wait_until="load")
         page.get_by_role("tab", name="Rate").click()
+        # opening the tab picks the newest run; its feedback line says so (a click before that would send no run)
+        page.get_by_text(re.compile(r"Feedback file.*20250101-000000-demo")).wait_for()
         page.get_by_label("prompts, one per line").fill("What is 2 + 3?\nWhat is 10 - 4?")
         page.get_by_role("button", name="Generate answers").click()
         page.get_by_text(re.compile(r"2 / 2 prompts, 8 answers")).wait_for()
