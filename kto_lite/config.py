@@ -87,8 +87,11 @@ class TrainConfig:
     beta: float | None = _f(
         None, f"KTO beta: how far the policy may move from the reference. Empty: {DEFAULT_BETA} (demo model: its own)."
     )
-    desirable_weight: float | str = _f(1.0, "lambda_D, weight of desirable examples; 'auto' balances counts.")
-    undesirable_weight: float | str = _f(1.0, "lambda_U, weight of undesirable examples; 'auto' balances counts.")
+    desirable_weight: float | str = _f(
+        "auto", "lambda_D, weight of desirable examples. 'auto': the paper's rule (eq. 8) from the label counts, "
+        "1.0 when they are balanced (measured: docs/defaults.md)."
+    )
+    undesirable_weight: float | str = _f("auto", "lambda_U, weight of undesirable examples; 'auto' as desirable_weight.")
     loss_type: str = _f("kto", "'kto' (paper) or 'apo_zero_unpaired' (no z0 reference point).", choices=LOSS_TYPES)
     kl_pairing: str = _f(
         "per_epoch", "per_epoch: new KL pairs every epoch (one reference pass over the KL rows per epoch, as the "

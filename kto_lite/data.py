@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kto_lite.data_read import DataError, RawData, Row, read_rows, snippet
-from kto_lite.data_report import DataReport, suggest_weights
+from kto_lite.data_report import DataReport, complete_weights, suggest_weights
 from kto_lite.data_tokenize import encode_prompt, tokenize
 from kto_lite.examples import Content, Example, TokenizedExample
 
@@ -40,6 +40,7 @@ __all__ = [
     "load_data",
     "normalize_label",
     "suggest_weights",
+    "complete_weights",
     "tokenize",
 ]
 

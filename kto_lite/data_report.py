@@ -41,6 +41,21 @@ def suggest_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]
     return 1.0, 1.0
 
 
+def complete_weights(desirable: float | str, undesirable: float | str, n_desirable: int,
+                     n_undesirable: int) -> tuple[float, float]:
+    """The weights to train with when one or both are 'auto': both -> `suggest_weights`; one -> the
+    value nearest 1.0 that brings lambda_D*n_D / (lambda_U*n_U) into [1, 4/3] given the one that was set."""
+    if desirable == "auto" and undesirable == "auto":
+        return suggest_weights(n_desirable, n_undesirable)
+    if "auto" not in (desirable, undesirable) or n_desirable <= 0 or n_undesirable <= 0:
+        return tuple(1.0 if w == "auto" else float(w) for w in (desirable, undesirable))
+    if undesirable == "auto":  # lambda_U in [lambda_D*n_D / (4/3 n_U), lambda_D*n_D / n_U]
+        low, high = desirable * n_desirable / (4 / 3 * n_undesirable), desirable * n_desirable / n_undesirable
+        return float(desirable), min(max(1.0, low), high)
+    low, high = undesirable * n_undesirable / n_desirable, 4 / 3 * undesirable * n_undesirable / n_desirable
+    return min(max(1.0, low), high), float(undesirable)
+
+
 def length_stats(lengths: list[int]) -> dict[str, float]:
     """min / mean / p50 / p95 / max of token counts (percentiles linearly interpolated)."""
     if not lengths:
@@ -114,7 +129,7 @@ class DataReport:
             w.append(
                 f"Labels are imbalanced ({self.n_desirable} desirable : {self.n_undesirable} undesirable); "
                 f"suggested desirable_weight={self.desirable_weight:.4g}, "
-                f"undesirable_weight={self.undesirable_weight:.4g} (or set both to 'auto')."
+                f"undesirable_weight={self.undesirable_weight:.4g} (what training's default 'auto' uses)."
             )
         for reason, dropped in self.dropped.items():
             w.append(f"Dropped {len(dropped)} {self.row_unit}(s), {reason}: {rows(dropped)}.")

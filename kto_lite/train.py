@@ -32,6 +32,7 @@ from transformers import get_scheduler
 from .batching import Rows, collate, epoch_batches, kl_partners
 from .config import ConfigError, TrainConfig, resolve_optimizer
 from .data import TokenizedExample, load_data, tokenize
+from .data_report import complete_weights
 from .head import output_head
 from .hub import check_hub_access, push_run, write_model_card
 from .logps import PolicyLogps, completion_logps, supports_packing
@@ -130,8 +131,8 @@ class Recipe:
         if not self.train_split.examples:
             raise ValueError(f"{cfg.data}: no usable example left after tokenization (see data_report.json)")
         auto = [name for name in ("desirable_weight", "undesirable_weight") if getattr(cfg, name) == "auto"]
-        for name in auto:  # the report's suggestion for the examples kept (paper eq. 8)
-            setattr(cfg, name, float(getattr(report, name)))
+        cfg.desirable_weight, cfg.undesirable_weight = complete_weights(  # paper eq. 8 on the examples kept
+            cfg.desirable_weight, cfg.undesirable_weight, report.n_desirable, report.n_undesirable)
         if self.accelerator.is_main_process:
             report.save(run.path / "data_report.json")
             cfg.save(run.path / "config.yaml")

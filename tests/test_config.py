@@ -24,7 +24,8 @@ def test_contract_field_names_exist_with_help():
 
 def test_paper_defaults():
     c = TrainConfig(model="someone/some-model", data="x.jsonl").resolved()
-    assert (c.beta, c.desirable_weight, c.undesirable_weight, c.loss_type) == (DEFAULT_BETA, 1.0, 1.0, "kto")
+    # weights 'auto': 1.0 and 1.0 on balanced labels (the paper's default), its eq. 8 otherwise
+    assert (c.beta, c.desirable_weight, c.undesirable_weight, c.loss_type) == (DEFAULT_BETA, "auto", "auto", "kto")
     assert c.learning_rate == DEFAULT_LEARNING_RATE and c.beta == 0.1
     assert c.load_in_4bit and c.gradient_checkpointing and c.precompute_reference
     assert c.batch_size >= 4 and 16 <= c.batch_size * c.gradient_accumulation_steps <= 128

@@ -13,6 +13,7 @@ from kto_lite.data import (
     DataError,
     DataReport,
     Example,
+    complete_weights,
     encode_prompt,
     load_data,
     normalize_label,
@@ -448,6 +449,19 @@ def test_suggested_weights_satisfy_eq8_and_keep_the_larger_at_one():
             w_d, w_u = suggest_weights(n_d, n_u)
             assert 1 - 1e-9 <= w_d * n_d / (w_u * n_u) <= 4 / 3 + 1e-9
             assert max(w_d, w_u) == 1.0
+
+
+def test_one_auto_weight_completes_the_set_one_into_eq8():
+    for n_d, n_u in [(20, 10), (10, 20), (7, 7), (3, 40)]:
+        for w in (0.5, 1.0, 1.33, 3.0):
+            w_d, w_u = complete_weights(w, "auto", n_d, n_u)
+            assert w_d == w and 1 - 1e-9 <= w_d * n_d / (w_u * n_u) <= 4 / 3 + 1e-9
+            w_d, w_u = complete_weights("auto", w, n_d, n_u)
+            assert w_u == w and 1 - 1e-9 <= w_d * n_d / (w_u * n_u) <= 4 / 3 + 1e-9
+    assert complete_weights(1.0, "auto", 7, 7) == (1.0, 1.0)  # already in range: 1.0 stays
+    assert complete_weights("auto", "auto", 20, 10) == suggest_weights(20, 10)
+    assert complete_weights(2.0, 0.5, 20, 10) == (2.0, 0.5)  # both set: kept as given
+    assert complete_weights("auto", 0.5, 5, 0) == (1.0, 0.5)  # one-sided: nothing to balance
 
 
 def test_report_counts_duplicates_conflicts_and_empties(tmp_path):

@@ -135,16 +135,18 @@ def test_gradients_reach_only_lora_and_the_base_never_changes(workdir):
             assert torch.equal(p.detach(), frozen[n]), n
 
 
-def test_auto_weights_follow_the_paper_rule(workdir):
+def test_default_weights_follow_the_paper_rule_and_a_set_weight_is_kept(workdir):
     rows = learnable_rows(40, seed=4)
     rows = [r for i, r in enumerate(rows) if r["label"] or i % 4 == 1]  # 20 desirable : 10 undesirable
     write_jsonl(workdir / "imbalanced.jsonl", rows)
-    cfg = make_recipe(config(workdir, "auto", data=str(workdir / "imbalanced.jsonl"),
-                             desirable_weight="auto", undesirable_weight="auto", max_steps=1)).config
+    cfg = make_recipe(config(workdir, "auto", data=str(workdir / "imbalanced.jsonl"), max_steps=1)).config
     ratio = cfg.desirable_weight * 20 / (cfg.undesirable_weight * 10)
     assert 1 <= ratio <= 4 / 3 + 1e-9 and max(cfg.desirable_weight, cfg.undesirable_weight) == 1.0
     saved = TrainConfig.load(workdir / "auto" / "config.yaml")
-    assert saved.desirable_weight == cfg.desirable_weight != 1.0
+    assert saved.desirable_weight == cfg.desirable_weight != 1.0  # the run records the numbers it used
+    cfg = make_recipe(config(workdir, "set", data=str(workdir / "imbalanced.jsonl"), max_steps=1,
+                             desirable_weight=1.0)).config
+    assert (cfg.desirable_weight, cfg.undesirable_weight) == (1.0, 1.5)  # the 'auto' one completes the set one
 
 
 def test_batch_size_one_and_one_sided_data(workdir):

@@ -243,9 +243,10 @@ def test_feedback_files_are_offered_as_data(runs):
     assert state["rows"] == 2 and Path(state["path"]).parent == runs / "_data"
 
 
-def test_suggested_weights_fill_the_form():
-    assert handlers.suggested_weights({"weights": [0.5, 1.0]}) == ("0.5", "1")
-    assert handlers.suggested_weights(None) == (SKIP, SKIP)
+def test_the_banner_names_the_weights_auto_uses():
+    state = {"name": "x.jsonl", "rows": 30, "n_desirable": 10, "n_undesirable": 20, "weights": [1.0, 0.667]}
+    assert "weights `auto` use 1 / 0.667" in handlers.data_banner(state)
+    assert "No training data" in handlers.data_banner(None)
 
 
 # ---------------------------------------------------------------------- Train tab

@@ -101,7 +101,6 @@ def build_demo() -> gr.Blocks:
                 with gr.Column(scale=3):
                     summary = gr.Markdown("No data yet: upload a file or pick a sample.")
                     problems = gr.Markdown()
-                    use_weights = gr.Button("Use the suggested weights in the Train tab", size="sm", visible=False)
             with gr.Group(visible=False) as mapping:
                 gr.Markdown("**Map columns:** which column of your file holds each part? Use prompt + completion "
                             "+ label, or messages + label, or chosen + rejected (+ prompt).")
@@ -292,10 +291,7 @@ def build_demo() -> gr.Blocks:
         feedback.input(h.on_feedback_file, feedback, [*data_outputs, source_state], api_name="feedback_data")
         feedback.focus(h.refresh_feedback_choices, feedback, feedback, api_visibility="private")
         map_button.click(h.on_map_columns, [source_state, *map_boxes], data_outputs, api_name="map_columns")
-        data_state.change(h.data_chosen, data_state, [banner, use_weights], api_visibility="private")
-        field = dict(zip([s.name for s in h.SPECS], fields, strict=True))
-        use_weights.click(h.suggested_weights, data_state, [field["desirable_weight"], field["undesirable_weight"]],
-                          api_visibility="private")
+        data_state.change(h.data_banner, data_state, banner, api_visibility="private")
 
         recipe_button.click(h.show_recipe, [data_state, run_name, *fields], [recipe_yaml, recipe_cmd, memory],
                             api_name="recipe")

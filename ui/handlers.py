@@ -103,7 +103,7 @@ def _summary(name: str, report) -> str:
     fmt = FORMATS.get(report.data_format, report.data_format) + (", chat messages" if report.conversational else "")
     weights = (report.desirable_weight, report.undesirable_weight)
     advice = " (the labels are balanced)" if weights == (1.0, 1.0) else \
-        ": they balance the two labels' share of the loss (use the button below, or set both to `auto`)"
+        ": they balance the two labels' share of the loss (training's default `auto` uses them)"
     return (
         f"### {html.escape(name)}\n"
         f"- format: {fmt}\n"
@@ -222,24 +222,14 @@ def refresh_feedback_choices(current: str | None):
     return gr.update(choices=list(feedback_files()), value=current)
 
 
-def data_chosen(state: dict | None):
-    """The Train tab's banner, and the suggested-weights button only when there is data."""
-    return data_banner(state), gr.update(visible=bool(state))
-
-
 def data_banner(state: dict | None) -> str:
     """The Train tab's one line about the data it will train on."""
     if not state:
         return "⚠ **No training data chosen.** Pick a sample or upload a file in the **Data** tab."
-    return (f"**Training data:** {html.escape(state['name'])}: {state['rows']} examples "
-            f"({state['n_desirable']} desirable / {state['n_undesirable']} undesirable)")
-
-
-def suggested_weights(state: dict | None):
-    if not state:
-        return gr.skip(), gr.skip()
     d, u = state["weights"]
-    return f"{d:.4g}", f"{u:.4g}"
+    return (f"**Training data:** {html.escape(state['name'])}: {state['rows']} examples "
+            f"({state['n_desirable']} desirable / {state['n_undesirable']} undesirable; weights `auto` "
+            f"use {d:.3g} / {u:.3g})")
 
 
 # ---------------------------------------------------------------------- Train tab
