@@ -112,7 +112,8 @@ def train_config(spec: dict, **kw):
                   warmup_ratio=0.0, max_grad_norm=1.0, optimizer="adamw_torch", batch_size=spec["batch_size"],
                   gradient_accumulation_steps=spec["gradient_accumulation_steps"], max_length=spec["max_length"],
                   max_prompt_length=spec["max_prompt_length"], num_epochs=spec["epochs"],
-                  max_steps=spec["total_steps"], seed=spec["seed"], logging_steps=1, save_steps=0)
+                  max_steps=spec["total_steps"], seed=spec["seed"], logging_steps=1, save_steps=0,
+                  beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)  # TRL's defaults: the same loss
     values.update(kw)
     return TrainConfig(**values).resolved()
 

@@ -146,7 +146,7 @@ def test_default_weights_follow_the_paper_rule_and_a_set_weight_is_kept(workdir)
     assert saved.desirable_weight == cfg.desirable_weight != 1.0  # the run records the numbers it used
     cfg = make_recipe(config(workdir, "set", data=str(workdir / "imbalanced.jsonl"), max_steps=1,
                              desirable_weight=1.0)).config
-    assert (cfg.desirable_weight, cfg.undesirable_weight) == (1.0, 1.5)  # the 'auto' one completes the set one
+    assert (cfg.desirable_weight, cfg.undesirable_weight) == pytest.approx((1.0, 1.5))  # the 'auto' one completes the set one
 
 
 def test_batch_size_one_and_one_sided_data(workdir):
