@@ -119,12 +119,13 @@ def run_cell(args, task, model: str, base: dict, lr: float, beta: float, weights
     from kto_lite.train import train
 
     work = Path(args.workdir)
-    name = f"lr{lr:g}_beta{beta:g}_w{weights}"
+    name = f"lr{lr:g}_beta{beta:g}_w{weights}" + (f"_e{args.num_epochs:g}" if args.num_epochs != 1 else "")
     cell_file = work / "cells" / f"{name}.json"
     if cell_file.is_file():
         return json.loads(cell_file.read_text())
     out = work / "runs" / name
-    weight = {"default": {}, "auto": {"desirable_weight": "auto", "undesirable_weight": "auto"}}[weights]
+    weight = {"1.0": {"desirable_weight": 1.0, "undesirable_weight": 1.0},
+              "auto": {"desirable_weight": "auto", "undesirable_weight": "auto"}}[weights]
     eval_data = {"eval_data": str(work / "heldout_feedback.jsonl")} if args.heldout_margin else {}
     config = TrainConfig(model=model, data=str(work / "feedback.jsonl"), output_dir=str(out),
                          learning_rate=lr, beta=beta, num_epochs=args.num_epochs, overwrite_output_dir=True,
@@ -155,15 +156,15 @@ def run_cell(args, task, model: str, base: dict, lr: float, beta: float, weights
 
 def table(base: dict, cells: list[dict]) -> str:
     b = base["accuracy"]
-    lines = ["| weights | learning rate | beta | held-out accuracy [95% CI] | vs base [95% CI] | held-out reward margin "
+    lines = ["| weights | learning rate | beta | epochs | held-out accuracy [95% CI] | vs base [95% CI] | held-out reward margin "
              "| train reward margin | train time |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| - | base | - | {b['accuracy']:.3f} [{b['low']:.3f}, {b['high']:.3f}] | - | - | - | - |"]
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| - | base | - | - | {b['accuracy']:.3f} [{b['low']:.3f}, {b['high']:.3f}] | - | - | - | - |"]
     for c in cells:
         a, d = c["accuracy"], c["vs_base"]
         margin = "-" if c["heldout_margin"] is None else f"{c['heldout_margin']:+.3f}"
         train_margin = "-" if c["train_margin"] is None else f"{c['train_margin']:+.3f}"
-        lines.append(f"| {c.get('weights', 'default')} | {c['learning_rate']:g} | {c['beta']:g} | {a['accuracy']:.3f} [{a['low']:.3f}, "
+        lines.append(f"| {c['weights']} | {c['learning_rate']:g} | {c['beta']:g} | {c['num_epochs']:g} | {a['accuracy']:.3f} [{a['low']:.3f}, "
                      f"{a['high']:.3f}] | {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {margin} | "
                      f"{train_margin} | {c['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines)
@@ -179,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="the base model (default: SmolLM2-135M-Instruct's GGUF, tests/real_model.py)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4, 5e-4])
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3])
-    parser.add_argument("--weights", nargs="+", choices=("default", "auto"), default=["auto", "default"],
-                        help="desirable/undesirable weights: the library default (1, 1) or 'auto' (balanced, "
-                             "as the data report advises for imbalanced labels)")
+    parser.add_argument("--weights", nargs="+", choices=("auto", "1.0"), default=["auto", "1.0"],
+                        help="desirable/undesirable weights: 'auto' (the paper's eq. 8 from the label counts; the "
+                             "library default) or 1.0 and 1.0 (the paper's default for balanced data)")
     parser.add_argument("--num_epochs", type=float, default=1)
     parser.add_argument("--heldout_margin", action="store_true",
                         help="also train with the base's judged held-out answers as eval_data (their reward margin "
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({c['vs_base']['diff']:+.3f} vs base), train {c['train_seconds']:.0f} s", flush=True)
     # the table: every finished cell of this workdir (earlier invocations' too), weights, beta, lr order
     cells = [json.loads(f.read_text()) for f in sorted((Path(args.workdir) / "cells").glob("*.json"))]
-    cells.sort(key=lambda c: (c.get("weights", "default") != "auto", c["beta"], c["learning_rate"]))
+    cells.sort(key=lambda c: (c["weights"] != "auto", c["beta"], c["num_epochs"], c["learning_rate"]))
     print(table(base, cells))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

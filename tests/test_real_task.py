@@ -63,3 +63,20 @@ def test_judge_matches_kto_lites_number_judge(task, tmp_path, completion, right)
     assert task.judge(row["prompt"], completion, row) is right
     assert make_judge(task.JUDGE)(row["prompt"], completion, row) is right  # the CLI's --judge number agrees
     assert prompts.columns[:2] == ["prompt", "answer"] and len(prompts.rows) == 5
+
+
+def test_grid_paired_difference_is_the_mean_per_prompt_difference_with_its_interval():
+    spec = importlib.util.spec_from_file_location("defaults_grid", RECIPE.parents[1] / "benchmarks" / "defaults_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    # prompt 0: a right twice, b once; prompt 1: a once, b never; prompt 2: both never; a judge error is ignored
+    a = [{"prompt_index": 0, "label": True}, {"prompt_index": 0, "label": True}, {"prompt_index": 1, "label": True},
+         {"prompt_index": 1, "label": False}, {"prompt_index": 2, "label": False}, {"prompt_index": 2, "judge_error": "x"}]
+    b = [{"prompt_index": 0, "label": True}, {"prompt_index": 0, "label": False}, {"prompt_index": 1, "label": False},
+         {"prompt_index": 1, "label": False}, {"prompt_index": 2, "label": False}, {"prompt_index": 2, "label": False}]
+    d = grid.paired_difference(a, b)
+    diffs = [0.5, 0.5, 0.0]
+    mean = sum(diffs) / 3
+    sd = (sum((x - mean) ** 2 for x in diffs) / 2) ** 0.5
+    assert d["prompts"] == 3 and d["diff"] == pytest.approx(mean)
+    assert d["high"] - d["diff"] == pytest.approx(1.959963984540054 * sd / 3 ** 0.5)
