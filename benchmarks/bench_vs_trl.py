@@ -156,6 +156,7 @@ def run_kto_lite(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
               "status.json" if timing else "hooks"}
     if timing:
         result["cpu_unknown"] = True
+        result["shared_prompts"] = timing.get("shared_prompts")
     return result
 
 
@@ -431,6 +432,12 @@ def format_results(results: dict[str, dict], spec: dict, title: str, preset_name
             passes = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in r["reference_passes"])
             lines.append(f"- Reference passes of {LABELS[side]}: {passes}: {100 * r['reference_seconds'] / r['seconds']:.0f}% "
                          f"of its wall time.")
+    shared = (results.get("kto_lite") or {}).get("shared_prompts")
+    if shared:
+        lines.append(f"- kto_lite (train) scored each prompt once for its completion and KL rows "
+                     f"(share_prompts, docs/performance.md section 5): reference passes "
+                     f"{'yes' if shared['reference'] else 'no'}, training steps {'yes' if shared['training'] else 'no'}"
+                     f"; kto_lite pieces scores them separately.")
     pieces = results.get("kto_pieces")
     if pieces and pieces.get("kl_padding"):
         k = pieces["kl_padding"]

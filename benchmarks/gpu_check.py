@@ -17,9 +17,9 @@ fp16 with loss scaling everywhere), one child process:
 - measures tokens/s and peak memory (torch.cuda.max_memory_allocated) against `estimate`
   (kto_lite.memory.estimate_memory for the same config and GPU).
 Then, where TRL is installed, bench_vs_trl.py on the qwen2.5-0.5b preset (kto_lite pieces, TRL
-KTOTrainer, kto_lite's SFT step), and, unless --no-fsdp, recipes/fsdp_qlora.yaml through
-`accelerate launch` on min(2, GPUs) processes (benchmarks/gpu_fsdp_step.py: sharded log-probs and
-LoRA gradient norm against one process). It prints a Markdown table to paste into the README.
+KTOTrainer, kto_lite's SFT step), and, unless --no-fsdp and with 2+ GPUs, `torchrun -m kto_lite train
+--fsdp true` on 2 processes (sharded QLoRA training: losses, weights per process, peak memory). It
+prints a Markdown table to paste into the README.
 
 Without CUDA it refuses (exit 2). On a machine without bitsandbytes (or TRL), carry them as wheels;
 see benchmarks/README.md ("GPU check").
@@ -207,23 +207,30 @@ def run_child(spec: dict, workdir: Path) -> dict:
     return json.loads(result_path.read_text())
 
 
-def run_fsdp(model_dir: Path, precision: str, workdir: Path) -> str:
-    """recipes/fsdp_qlora.yaml through accelerate launch: a line for the report."""
+def run_fsdp(model_dir: Path, data: Path, precision: str, workdir: Path) -> str:
+    """`torchrun ... -m kto_lite train --fsdp true` on min(2, GPUs) processes: a line for the report."""
     import torch
 
     processes = min(2, torch.cuda.device_count())
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/fsdp_qlora.yaml"),
-               "--num_processes", str(processes), "--mixed_precision", precision,
-               str(REPO / "benchmarks/gpu_fsdp_step.py"), str(model_dir), str(workdir / "fsdp.json")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    if processes < 2:
+        return "- FSDP QLoRA: skipped (it shards across processes, one per GPU; this machine has one GPU)."
+    out = workdir / "fsdp_run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "kto_lite",
+               "train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), "--fsdp", "true",
+               "--mixed_precision", precision, "--max_steps", "2", "--gradient_accumulation_steps", "1",
+               "--overwrite_output_dir", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    if proc.returncode != 0 or not (workdir / "fsdp.json").is_file():
+    status = json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
+    if proc.returncode != 0 or status.get("status") != "finished":
         tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         return f"- FSDP QLoRA ({processes} process(es), {precision}): FAILED: {tail}"
-    r = json.loads((workdir / "fsdp.json").read_text())
-    return (f"- FSDP QLoRA via recipes/fsdp_qlora.yaml ({r['processes']} process(es), {precision}): sharded log-probs "
-            f"vs one process max rel. diff {r['logps_rel_diff']:.2e}, LoRA grad norm {r['grad_norm']:.4g} vs "
-            f"{r['grad_norm_single']:.4g}, peak {r['peak_mib']:,.0f} MiB per GPU, step ok: {r['finite']}.")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return (f"- FSDP QLoRA (`--fsdp true`, {processes} process(es), {precision}): 2 steps, losses "
+            f"{', '.join(format(r['loss'], '.4f') for r in rows)}, weights per process "
+            f"{status['timing'].get('fsdp_weights_per_process')}, peak {max(r['peak_memory_mb'] for r in rows):,.0f} "
+            f"MiB on the main GPU.")
 
 
 def table(results: list[dict]) -> list[str]:
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_child(spec, root))
             if cuda and not args.no_fsdp and name == names[0]:
                 print("  FSDP ...", flush=True)
-                notes.append(run_fsdp(model_dir, precisions[0], root))
+                notes.append(run_fsdp(model_dir, data, precisions[0], root))
         if cuda and not args.no_trl:
             notes.append(trl_comparison(root, args.steps))
         if not cuda:

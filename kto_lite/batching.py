@@ -119,7 +119,9 @@ class Rows:
     sequence_index: torch.Tensor  # (B, T) which of the n_sequences a token belongs to; -1 on padding
     n_sequences: int
     attention_mask: torch.Tensor | None = None  # (B, T) padded layout only
-    position_ids: torch.Tensor | None = None  # (1, T) packed layout only
+    position_ids: torch.Tensor | None = None  # (1, T) packed layouts only
+    branch: torch.Tensor | None = None  # (1, T) shared-prompt layout: 0 on a prompt, k on its k-th completion
+    predictor: torch.Tensor | None = None  # (1, T) shared-prompt layout: the position that predicts each token
 
     @property
     def packed(self) -> bool:
@@ -130,9 +132,11 @@ class Rows:
                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
         return Rows(**move)
 
-    def tokens(self) -> int:
-        """Real (non-padding) tokens."""
-        return int((self.sequence_index >= 0).sum())
+    def tokens(self, n: int | None = None) -> int:
+        """Real (non-padding) tokens of the first n sequences (default: all). A shared prompt counts once,
+        for the first of its completions."""
+        index = self.sequence_index
+        return int(((index >= 0) & (index < (n if n is not None else self.n_sequences))).sum())
 
     def completion_lengths(self) -> torch.Tensor:
         """(n_sequences,) completion tokens per sequence; 0 for a KL row whose completion was cut away."""
@@ -181,3 +185,45 @@ def collate(
         completion_mask[b, len(p) : n] = 1
         sequence_index[b, :n] = b
     return Rows(input_ids, completion_mask, sequence_index, len(rows), attention_mask=attention_mask)
+
+
+def collate_shared(prompts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]],
+                   max_length: int | None = None) -> Rows:
+    """Each prompt once, followed by several completions that attend to it and to themselves only.
+
+    branches[k][i] is the k-th completion of prompts[i] (in training: k = 0 the example's own, k = 1
+    its KL partner's; in the reference pass also every later epoch's partner). One packed row holds,
+    per prompt, [prompt | completion 0 | completion 1 | ...]. Position ids restart at 0 for each
+    prompt and at len(prompt) for each completion; `branch` tells the attention (packing.py) that a
+    completion sees its prompt and itself, not the other completions; `predictor` tells
+    completion_logps that a completion's first token is predicted from the prompt's last token. So
+    every completion gets the log-probs it would get alone after its prompt, and the prompt is computed
+    once instead of once per completion. Sequence k * B + i is completion k of prompt i: log-probs come
+    out as (K * B,). A completion longer than max_length - len(prompt) loses its tail, as in collate.
+    """
+    ids, completion, sequence, position, branch, predictor = [], [], [], [], [], []
+    for i, prompt in enumerate(prompts):
+        start = len(ids)
+        ids += prompt
+        completion += [0] * len(prompt)
+        sequence += [i] * len(prompt)
+        position += range(len(prompt))
+        branch += [0] * len(prompt)
+        predictor += [start - 1 + j if j else -1 for j in range(len(prompt))]
+        last_prompt_token = start + len(prompt) - 1 if prompt else -1  # -1: nothing predicts it
+        for k, completions in enumerate(branches):
+            tokens = completions[i][: max(max_length - len(prompt), 0)] if max_length is not None else completions[i]
+            first = len(ids)
+            ids += tokens
+            completion += [1] * len(tokens)
+            sequence += [k * len(prompts) + i] * len(tokens)
+            position += range(len(prompt), len(prompt) + len(tokens))
+            branch += [k + 1] * len(tokens)
+            predictor += [first - 1 + j if j else last_prompt_token for j in range(len(tokens))]
+
+    def row(values):
+        return torch.tensor([values], dtype=torch.long)
+
+    return Rows(input_ids=row(ids), completion_mask=row(completion), sequence_index=row(sequence),
+                n_sequences=len(prompts) * len(branches), position_ids=row(position), branch=row(branch),
+                predictor=row(predictor))

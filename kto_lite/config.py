@@ -132,6 +132,14 @@ class TrainConfig:
     padding_free: bool | None = _f(
         None, "Pack a micro-batch's rows into one sequence, no padding computed. Empty: when the model supports it."
     )
+    share_prompts: bool | None = _f(
+        None, "Score an example and its KL row after one copy of their common prompt (same numbers, less work). "
+        "Empty: when the model supports it and the prompts are long enough to gain (docs/performance.md)."
+    )
+    fsdp: bool = _f(
+        False, "Shard the 4-bit base, LoRA weights, gradients and optimizer state across the processes of a "
+        "multi-process launch (torchrun), for a model that does not fit one GPU (docs/multi_gpu.md)."
+    )
     precompute_reference: bool = _f(True, "Compute reference log-probs once before training and cache them.")
     seed: int = _f(42, "Seed for shuffling, KL pairing, LoRA init and dropout.")
 
@@ -187,6 +195,12 @@ class TrainConfig:
             raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
         if self.reference == "init_adapter" and not self.init_adapter:
             raise ConfigError("reference: 'init_adapter' needs init_adapter (the adapter to start from)")
+        if self.fsdp and self.resume_from_checkpoint:
+            raise ConfigError("fsdp: resuming is not supported yet (an FSDP run saves its adapter at the end or on "
+                              "stop, not its sharded optimizer state); start the run again")
+        if self.fsdp and self.optimizer not in ("auto", "adamw_torch"):
+            raise ConfigError(f"fsdp: optimizer {self.optimizer} cannot step sharded weights; use adamw_torch "
+                              "(FSDP already splits the optimizer state across the GPUs)")
 
     # ------------------------------------------------------------------ derived defaults
     def resolved(self) -> TrainConfig:
@@ -279,10 +293,11 @@ def _default_of(f):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def resolve_optimizer(name: str, device: str | None = None) -> str:
-    """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU."""
-    if name != "auto":
-        return name
+def resolve_optimizer(name: str, device: str | None = None, fsdp: bool = False) -> str:
+    """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU and
+    under FSDP (bitsandbytes' optimizers cannot step sharded weights; FSDP already splits the state)."""
+    if name != "auto" or fsdp:
+        return "adamw_torch" if name == "auto" else name
     if device is None:
         import torch
 

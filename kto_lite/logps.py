@@ -17,11 +17,12 @@ import weakref
 
 import torch
 
-from .batching import Rows, collate
+from .batching import Rows, collate, collate_shared
 from .head import output_head
-from .packing import efficient_packing, segment_masks, use_segment_attention
+from .packing import SEGMENT_PREFIX, efficient_packing, segment_masks, use_segment_attention
 
 _packing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed == padded on it
+_sharing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> shared prompts == alone
 
 
 def _base_model(model):
@@ -33,30 +34,40 @@ def _hidden_states(base, rows: Rows) -> torch.Tensor:
     """The body's last hidden states, (B, T, H); packed rows get position ids and no mask."""
     if rows.packed:
         use_segment_attention(base)  # sdpa/eager: attend sequence by sequence, not over the whole pack
-    with segment_masks(rows.position_ids):  # packed: masks of the diagonal blocks only
+    with segment_masks(rows.position_ids, rows.branch):  # packed: masks of the diagonal blocks only
         return base.get_decoder()(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
                                   position_ids=rows.position_ids, use_cache=False).last_hidden_state
+
+
+def predictors(rows: Rows) -> torch.Tensor:
+    """(B, T): the position whose hidden state predicts each token, -1 where none does.
+
+    The token before it in the same sequence; on shared-prompt rows (batching.collate_shared) the
+    first token of each completion is predicted by the last token of its prompt.
+    """
+    if rows.predictor is not None:
+        return rows.predictor
+    index = rows.sequence_index
+    previous = torch.arange(-1, index.shape[1] - 1, device=index.device).expand_as(index)
+    same_sequence = torch.zeros_like(index, dtype=torch.bool)
+    same_sequence[:, 1:] = (index[:, 1:] == index[:, :-1]) & (index[:, 1:] >= 0)
+    return torch.where(same_sequence, previous, -1)
 
 
 def completion_logps(model, rows: Rows, chunk_size: int | None = None) -> torch.Tensor:
     """Sum of log p(token) over completion tokens, per sequence: `Rows` -> (n_sequences,) float32.
 
-    A token is predicted from the position before it, in the same sequence: the first token of a
-    sequence (and, packed, the first of each) is never scored.
+    A token is predicted from the position before it, in the same sequence (`predictors`): the first
+    token of a sequence (and, packed, the first of each) is never scored.
     """
     base = _base_model(model)
     head = output_head(base)  # raises UnsupportedHead for a head we would get wrong
     hidden = _hidden_states(base, rows)  # (B, T, H)
-
-    index = rows.sequence_index[:, 1:]  # (B, T-1) sequence of each predicted token; -1 on padding
-    same_sequence = (index == rows.sequence_index[:, :-1]) & (index >= 0)
-    scored = rows.completion_mask[:, 1:].bool() & same_sequence  # (B, T-1): which next-token predictions count
-    positions = torch.nonzero(scored, as_tuple=True)
-    hidden = hidden[:, :-1][positions]  # (M, H), M = completion tokens in the batch
-    targets = rows.input_ids[:, 1:][positions]  # (M,)
-    token_logps = head.token_logps(hidden, targets, chunk_size)  # (M,)
+    predictor = predictors(rows)  # (B, T)
+    b, t = torch.nonzero(rows.completion_mask.bool() & (predictor >= 0), as_tuple=True)  # the scored tokens
+    token_logps = head.token_logps(hidden[b, predictor[b, t]], rows.input_ids[b, t], chunk_size)  # (M,)
     sums = torch.zeros(rows.n_sequences, dtype=torch.float32, device=rows.input_ids.device)
-    return sums.index_add(0, index[positions], token_logps.float())  # (n_sequences,)
+    return sums.index_add(0, rows.sequence_index[b, t], token_logps.float())  # (n_sequences,)
 
 
 def supports_packing(model) -> bool:
@@ -94,6 +105,40 @@ def _packed_equals_separate(base) -> bool:
     half = packed.dtype in (torch.float16, torch.bfloat16)
     tolerance = (3e-2 if half else 1e-4) * (1 + alone.abs().max().item())
     return bool((packed.float() - alone.float()).abs().max() <= tolerance)
+
+
+def supports_shared_prompts(model) -> bool:
+    """Whether shared-prompt rows (batching.collate_shared) give this model each completion's own log-probs.
+
+    They need packing through kto_lite's segment attention (sdpa or eager), which applies the
+    prompt-and-own-completion mask; flash and flex attention take transformers' packed path, which
+    would not. Checked once per model on short random sequences, each completion against itself alone.
+    """
+    base = _base_model(model)
+    if base not in _sharing_checked:
+        _sharing_checked[base] = (supports_packing(base) and base.config._attn_implementation.startswith(SEGMENT_PREFIX)
+                                  and _shared_equals_separate(base))
+    return _sharing_checked[base]
+
+
+@torch.no_grad()
+def _shared_equals_separate(base) -> bool:
+    device = base.get_output_embeddings().weight.device
+    vocab = base.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompts, first, second = ([torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+                              for lengths in ((5, 3), (4, 6), (7, 2)))
+    was_training = base.training
+    base.eval()
+    try:
+        shared = completion_logps(base, collate_shared(prompts, [first, second]).to(device))
+        alone = torch.cat([completion_logps(base, collate(prompts, c, 0).to(device)) for c in (first, second)])
+    except (TypeError, AttributeError, IndexError, ValueError, RuntimeError):
+        return False
+    finally:
+        base.train(was_training)
+    half = shared.dtype in (torch.float16, torch.bfloat16) or base.dtype in (torch.float16, torch.bfloat16)
+    return bool(((shared - alone).abs() <= (3e-2 if half else 1e-4) * (1 + alone.abs())).all())
 
 
 class PolicyLogps(torch.nn.Module):

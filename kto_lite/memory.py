@@ -340,7 +340,7 @@ def _adapted(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int
 
 
 def _optimizer(config: TrainConfig, device: str) -> str:
-    return resolve_optimizer(config.optimizer, device)  # the trainer's own 'auto' rule
+    return resolve_optimizer(config.optimizer, device, config.fsdp)  # the trainer's own 'auto' rule
 
 
 def _optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> int:
@@ -435,6 +435,8 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
         autocast = device == "cuda" and d == 2  # train.py's Accelerator(mixed_precision=...)
     H, L, V, F = shape.hidden, shape.layers, shape.vocab, shape.intermediate
     B, T = config.batch_size, config.max_length
+    if config.share_prompts:  # forced on: a prompt with both completions can exceed max_length (auto never does)
+        T = 2 * T - (config.max_prompt_length or T // 2)
     tokens = B * T  # the worst batch: every sequence at max_length
 
     # --- static: weights, adapters, gradients, optimizer state
@@ -489,7 +491,7 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
         kl_pass=int(kl_pass), reference_pass=int(reference_pass), overhead=overhead, precompute=int(precompute),
         description=dict(
             model=config.model or "demo model", quantization="4-bit NF4" if config.load_in_4bit else "unquantized",
-            compute_dtype=compute_dtype, device=device, batch_size=B, max_length=T,
+            compute_dtype=compute_dtype, device=device, batch_size=B, max_length=config.max_length,
             gradient_checkpointing=config.gradient_checkpointing, lora_r=config.lora_r,
             lora_params=sum(lora_sizes), optimizer=optimizer, vocab=V, chunk_rows=rows, reference_batch=ref_batch,
             overhead_label=("CUDA context + allocator, dequantized weight buffer" if device == "cuda"

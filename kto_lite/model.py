@@ -122,11 +122,13 @@ def load_tokenizer(name: str | None, *, revision: str | None = None, trust_remot
 
 
 def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False, attn_implementation: str | None = None):
+              trust_remote_code: bool = False, attn_implementation: str | None = None, fsdp: bool = False):
     """The base model, 4-bit NF4 with double quantization (QLoRA), or unquantized.
 
     precision: TrainConfig.mixed_precision (see choose_precision): the dtype of the unquantized
     weights and of the 4-bit layers' compute. attn_implementation: see choose_attn_implementation.
+    fsdp: store the packed 4-bit weights in the compute dtype, so that FSDP, which shards floating-point
+    tensors, can shard them (bitsandbytes' FSDP-QLoRA support).
     """
     dtype = compute_dtype() if precision == "auto" else precision_dtype(choose_precision(precision))
     quantization = None
@@ -136,6 +138,7 @@ def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "
             bnb_4bit_quant_type="nf4",  # the QLoRA paper's normal-float type
             bnb_4bit_use_double_quant=True,  # quantize the quantization constants: ~0.4 bit/param saved
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if fsdp else {}),
         )
     source = resolve_model(name, revision=revision)
     attn = choose_attn_implementation(attn_implementation, dtype)

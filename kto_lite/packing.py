@@ -33,12 +33,18 @@ from transformers.masking_utils import AttentionMaskInterface
 
 SEGMENT_PREFIX = "kto_lite_segments_"  # + the wrapped implementation: kto_lite_segments_sdpa, ..._eager
 VARLEN = ("flash_attention", "flex_attention")  # transformers' own packed path (varlen kernels, block masks)
-_active_segments: ContextVar[list | None] = ContextVar("kto_lite_packed_segments", default=None)
+_active_segments: ContextVar[tuple | None] = ContextVar("kto_lite_packed_segments", default=None)  # (bounds, branch)
 _last_bounds: tuple = (lambda: None, None)  # (weakref to a position_ids tensor, its segments): one lookup per forward
 
 
 class BlockMasks(tuple):
-    """The diagonal blocks of a packed row's attention mask, one (1, 1, n_i, n_i) mask (or None) per sequence."""
+    """The diagonal blocks of a packed row's attention mask, one (1, 1, n_i, n_i) mask (or None) per sequence.
+
+    `bounds` holds the blocks' (start, end): the attention uses them instead of reading the position ids
+    (a shared-prompt row's positions jump back at each completion, inside one block).
+    """
+
+    bounds: list[tuple[int, int]] | None = None
 
 
 def _base(model):
@@ -67,13 +73,36 @@ def segments(position_ids: torch.Tensor | None) -> list[tuple[int, int]] | None:
 
 
 @contextlib.contextmanager
-def segment_masks(position_ids: torch.Tensor | None):
-    """While active, masks built for this packed row come as BlockMasks (only the diagonal blocks)."""
-    token = _active_segments.set(segments(position_ids))
+def segment_masks(position_ids: torch.Tensor | None, branch: torch.Tensor | None = None):
+    """While active, masks built for this packed row come as BlockMasks (only the diagonal blocks).
+
+    With `branch` (a shared-prompt row, batching.collate_shared) a block is one prompt with its
+    completions: it starts where the position ids restart at 0, and a completion's tokens attend to the
+    prompt and to their own completion only (`shared_prompt_mask`).
+    """
+    if branch is not None:
+        starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+        state = (list(zip(starts, [*starts[1:], position_ids.shape[1]])), branch[0], position_ids[0])
+    else:
+        state = (segments(position_ids), None, None)
+    token = _active_segments.set(state if state[0] is not None else None)
     try:
         yield
     finally:
         _active_segments.reset(token)
+
+
+def shared_prompt_mask(branch: torch.Tensor, positions: torch.Tensor, window: int | None = None):
+    """transformers mask function (batch, head, query index, key index) -> allowed, over a whole packed
+    row: causal, and a completion (branch k > 0) sees the prompt (branch 0) and itself, not its siblings;
+    with a sliding window, only keys less than `window` *positions* back (as if the completion were alone)."""
+
+    def allowed(batch_idx, head_idx, q_idx, kv_idx):
+        key_branch = branch[kv_idx]
+        ok = (kv_idx <= q_idx) & ((key_branch == 0) | (key_branch == branch[q_idx]))
+        return ok & (positions[q_idx] - positions[kv_idx] < window) if window else ok
+
+    return allowed
 
 
 def _block_mask_builder(impl: str):
@@ -81,14 +110,20 @@ def _block_mask_builder(impl: str):
     original = AttentionMaskInterface._global_mapping[impl]
 
     def build(batch_size, q_length, kv_length, **kwargs):
-        bounds = _active_segments.get()
+        active = _active_segments.get()
         whole = (batch_size == 1 and q_length == kv_length and not kwargs.get("q_offset")
                  and not kwargs.get("kv_offset") and kwargs.get("attention_mask") is None)
-        if bounds is None or not whole or bounds[-1][1] != q_length:
+        if active is None or not whole or active[0][-1][1] != q_length:
             return original(batch_size, q_length, kv_length, **kwargs)
+        bounds, branch, positions = active
+        if branch is not None:  # a prompt and its completions: our mask, never skipped for is_causal
+            kwargs = {**kwargs, "mask_function": shared_prompt_mask(branch, positions, kwargs.get("local_size")),
+                      "allow_is_causal_skip": False}
         # the mask function indexes the packed position ids by absolute position: offsets select the block
-        return BlockMasks(original(1, end - start, end - start, **{**kwargs, "q_offset": start, "kv_offset": start})
-                          for start, end in bounds)
+        masks = BlockMasks(original(1, end - start, end - start, **{**kwargs, "q_offset": start, "kv_offset": start})
+                           for start, end in bounds)
+        masks.bounds = bounds
+        return masks
 
     return build
 
@@ -104,7 +139,8 @@ def _segment_attention(impl: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         # query (1, heads, N, D); key, value (1, kv_heads, N, D); attention_mask (1, 1, N, N), BlockMasks or None
         original = _eager(module) if impl == "eager" else AttentionInterface._global_mapping[impl]
-        bounds = segments(kwargs.get("position_ids"))
+        bounds = attention_mask.bounds if isinstance(attention_mask, BlockMasks) else None
+        bounds = bounds or segments(kwargs.get("position_ids"))
         if bounds is None or not query.shape[2] == key.shape[2] == kwargs["position_ids"].shape[1]:
             return original(module, query, key, value, attention_mask, **kwargs)
         outputs = []

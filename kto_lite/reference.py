@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .batching import collate
+from .batching import collate, collate_shared
 from .logps import completion_logps, supports_packing
 from .model import has_reference_adapter, reference_mode
 
@@ -63,21 +63,30 @@ def sequences_fingerprint(sequences: Sequence[tuple[list[int], list[int]]]) -> s
 @torch.no_grad()
 def compute_reference_logps(
     model, sequences: Sequence[tuple[list[int], list[int]]], *, pad_token_id: int, batch_size: int,
-    desc: str = "reference log-probs", show_progress: bool = True,
+    desc: str = "reference log-probs", show_progress: bool = True, shared: bool = False, score=None,
 ) -> torch.Tensor:
     """log pi_ref for each (prompt, completion) pair, (N,) float32 on CPU.
+
+    score: rows -> log-probs, the module that runs the model (the trainer's policy module: under FSDP
+    only its forward gathers the sharded weights); default `completion_logps` on `model`.
 
     Sorted by length. On a model that takes padding-free rows (logps.supports_packing), each pass
     packs consecutive sequences up to batch_size x the longest sequence's tokens: never more tokens
     than the padded worst case (what memory.py budgets), and many short rows share one pass, so
     there are fewer passes (each 4-bit layer dequantizes its weights once per pass). Otherwise
     padded batches of batch_size rows.
+
+    shared=True (a model where logps.supports_shared_prompts): each sequence is (prompt, [completion,
+    ...]), all with the same number K of completions, scored after one copy of the prompt
+    (batching.collate_shared); the result is (N, K).
     """
     device = next(model.parameters()).device
-    lengths = [len(p) + len(c) for p, c in sequences]
+    lengths = [len(p) + (sum(map(len, c)) if shared else len(c)) for p, c in sequences]
     order = sorted(range(len(sequences)), key=lambda i: lengths[i])
-    packed = bool(sequences) and supports_packing(model)
-    budget = batch_size * max(lengths, default=0)
+    packed = shared or (bool(sequences) and supports_packing(model))
+    # as many tokens as batch_size of the longest prompt+completion (shared: a prompt's trees pack to that too)
+    budget = batch_size * max((len(p) + max(map(len, c), default=0) if shared else n
+                               for (p, c), n in zip(sequences, lengths)), default=0)
     batches, batch, tokens = [], [], 0
     for i in order:
         if batch and (len(batch) == batch_size if not packed else tokens + lengths[i] > budget):
@@ -86,38 +95,48 @@ def compute_reference_logps(
         batch.append(i)
         tokens += lengths[i]
     batches += [batch] if batch else []
-    out = torch.zeros(len(sequences), dtype=torch.float32)
+    k = len(sequences[0][1]) if shared and sequences else 1
+    out = torch.zeros((len(sequences), k) if shared else len(sequences), dtype=torch.float32)
+    score = score or (lambda rows: completion_logps(model, rows))
     with reference_mode(model):
         for idx in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
-            rows = collate([sequences[i][0] for i in idx], [sequences[i][1] for i in idx], pad_token_id,
-                           packed=packed)
-            out[idx] = completion_logps(model, rows.to(device)).float().cpu()
+            prompts = [sequences[i][0] for i in idx]
+            if shared:
+                rows = collate_shared(prompts, [[sequences[i][1][j] for i in idx] for j in range(k)])
+                out[idx] = score(rows.to(device)).float().cpu().view(k, len(idx)).T
+            else:
+                rows = collate(prompts, [sequences[i][1] for i in idx], pad_token_id, packed=packed)
+                out[idx] = score(rows.to(device)).float().cpu()
     return out
 
 
 def cached_reference_logps(
     model, sequences, *, pad_token_id: int, batch_size: int, cache_dir: Path | None, fingerprint: str,
     desc: str = "reference log-probs", show_progress: bool = True, world: int = 1, rank: int = 0,
+    shared: bool = False, score=None, split: bool = True,
 ) -> torch.Tensor:
     """compute_reference_logps, read from / written to `cache_dir` (None: no caching).
 
     With several processes (world > 1) each computes every world-th sequence and the pieces are
     gathered, so the pass costs 1/world of the single-process time; every process gets all values.
+    split=False (FSDP, where every forward is a collective): every process computes every sequence.
     """
     key = hashlib.sha256((fingerprint + sequences_fingerprint(sequences)).encode()).hexdigest()[:32]
     path = Path(cache_dir) / "reference" / f"{key}.pt" if cache_dir is not None else None
     hit = path is not None and path.is_file()
     if world > 1:  # every process must take the same branch (the file may appear while they check)
         hit = _all_processes(hit)
+    shape = (len(sequences), len(sequences[0][1])) if shared and sequences else (len(sequences),)
     if hit:
         values = torch.load(path)
-        if values.shape == (len(sequences),):
+        if values.shape == shape:
             return values
-    mine = list(range(rank, len(sequences), world))
-    values = torch.zeros(len(sequences), dtype=torch.float32)
+    mine = list(range(rank, len(sequences), world)) if split else list(range(len(sequences)))
+    values = torch.zeros(shape, dtype=torch.float32)
     values[mine] = compute_reference_logps(model, [sequences[i] for i in mine], pad_token_id=pad_token_id,
-                                           batch_size=batch_size, desc=desc, show_progress=show_progress)
-    if world > 1:
+                                           batch_size=batch_size, desc=desc, show_progress=show_progress,
+                                           shared=shared, score=score)
+    if world > 1 and split:
         import torch.distributed as dist
 
         device = next(model.parameters()).device

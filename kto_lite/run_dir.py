@@ -154,7 +154,7 @@ class RunDir:
 # Fields that may change between a checkpoint and its resume: they do not change what is computed.
 RESUME_MAY_CHANGE = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "eval_steps",
                      "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_private", "eval_data",
-                     "attn_implementation", "padding_free"}
+                     "attn_implementation", "padding_free", "share_prompts"}
 
 
 def check_resumable(folder: Path, config: TrainConfig) -> None:

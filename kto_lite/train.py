@@ -29,13 +29,13 @@ from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batching import Rows, collate, epoch_batches, kl_partners
+from .batching import Rows, collate, collate_shared, epoch_batches, kl_partners
 from .config import ConfigError, TrainConfig, resolve_optimizer
 from .data import TokenizedExample, load_data, tokenize
 from .data_report import complete_weights
 from .head import output_head
 from .hub import check_hub_access, push_run, write_model_card
-from .logps import PolicyLogps, completion_logps, supports_packing
+from .logps import PolicyLogps, completion_logps, supports_packing, supports_shared_prompts
 from .loss import kto_loss
 from .metrics import Meter, peak_memory_mb
 from .model import add_lora, choose_precision, load_base, load_tokenizer, no_grad_policy, reference_mode
@@ -55,6 +55,14 @@ NONFINITE_ADVICE = ("the loss or the gradients were not finite for {n} steps in 
                     "GPU that has it), and check the data report for extreme rows.")
 MAX_SKIPPED_STEPS = 5  # non-finite steps in a row before the run stops
 MAX_SKIPPED_STEPS_FP16 = 20  # fp16's loss scaler halves its scale on each overflow: allow it to settle
+# share_prompts "auto" shares in training when prompts hold more than this many tokens per completion token
+# (by gradient_checkpointing): separate rows cost a forward+backward of prompt+completion plus a no-grad
+# forward of prompt+KL completion, shared rows a forward+backward of prompt+completion+KL completion (and,
+# with checkpointing, a recompute of it). Measured on SmolLM2-135M, shared / separate step time
+# (benchmarks/shared_prompts.py, docs/performance.md section 5): fp32 without checkpointing 0.79 at 7:1,
+# 0.90 at 3:1, 0.98 at 1.67:1, 1.04 at 1.21:1 (crossing at ~1.5:1); 4-bit with checkpointing 0.86 at 7:1,
+# 0.95 at 3:1, 1.06 at 1.67:1 (crossing at ~2.4:1)
+SHARE_PROMPT_RATIO = {False: 1.5, True: 2.4}
 
 
 # ====================================================================== data: examples + reference columns
@@ -74,14 +82,19 @@ class Split:
 
 @dataclass
 class MicroBatch:
-    rows: Rows  # the examples
-    kl_rows: Rows | None  # each example's prompt + its KL partner's completion (None: no z0 needed)
+    rows: Rows  # the examples; shared: each prompt once with the example's and the KL partner's completion
+    kl_rows: Rows | None  # each example's prompt + its KL partner's completion (None: shared, or no z0 needed)
     labels: torch.Tensor  # (B,) bool, True = desirable
     reference_logps: torch.Tensor | None  # (B,) from the split's column, or None: computed now
     reference_kl_logps: torch.Tensor | None  # (B,)
+    shared: bool = False  # rows is batching.collate_shared's: sequences 0..B-1 the examples, B..2B-1 the KL rows
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def kl_completion_lengths(self) -> torch.Tensor:
+        """(B,) tokens of each KL row's completion (0 where max_length cut it away)."""
+        return self.rows.completion_lengths()[len(self):] if self.shared else self.kl_rows.completion_lengths()
 
 
 def split_by_prompt(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -145,7 +158,7 @@ class Recipe:
         run.status("running", phase="loading model")
         self.model = add_lora(load_base(cfg.model, load_in_4bit=cfg.load_in_4bit, precision=self.precision,
                                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                        attn_implementation=cfg.attn_implementation), cfg)
+                                        attn_implementation=cfg.attn_implementation, fsdp=cfg.fsdp), cfg)
         output_head(self.model)  # a head that is not a (scaled / capped) linear layer is refused here, not trained wrong
         self.packed = cfg.padding_free if cfg.padding_free is not None else supports_packing(self.model)
         self.pad_id = self.tokenizer.pad_token_id
@@ -158,15 +171,22 @@ class Recipe:
         self.train_split.kl_partners = [self.pairing(self.train_split, e) for e in range(n_epochs)]
         if self.eval_split:
             self.eval_split.kl_partners = [self.pairing(self.eval_split, 0)]
+        self.share_reference, self.shared = self.prompt_sharing()
+        self.fingerprint = model_fingerprint(self.model)  # names the cached reference log-probs
 
+        # every forward goes through one module: DDP must see the one that produces the graded log-probs, and
+        # FSDP gathers the embeddings and the head (the root's weights) only inside the root's forward
+        self.policy = PolicyLogps(self.model)
+        if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards
+            self.shard_fraction = shard(self.policy, self.model, self.precision)
         # optimizer and schedule over the LoRA weights only
         self.optimizer = make_optimizer(self.model, cfg)
         warmup = int(cfg.warmup_ratio * len(self.steps))
         schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" and warmup else cfg.lr_scheduler_type
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=len(self.steps))
-        # DDP must see the forward that produces the graded log-probs: wrap it as a module
-        self.policy, self.optimizer = self.accelerator.prepare(PolicyLogps(self.model), self.optimizer)
+        if not cfg.fsdp:  # DDP under a multi-process launch; the loss scaler for fp16
+            self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
 
     @property
     def precision(self) -> str:
@@ -184,6 +204,32 @@ class Recipe:
                              f"{self.accelerator.num_processes} processes")
         return batches[self.accelerator.process_index :: self.accelerator.num_processes][:per_process]
 
+    def prompt_sharing(self) -> tuple[bool, bool]:
+        """(reference passes, training rows): whether an example and its KL rows are scored after one copy of
+        their common prompt (batching.collate_shared). Same numbers, less work: always in the no-grad reference
+        pass; in training where prompts are long enough to pay for the KL tokens joining the backward pass."""
+        cfg = self.config
+        if cfg.share_prompts is False or cfg.loss_type != "kto":
+            return False, False
+        supported = self.packed and supports_shared_prompts(self.model)
+        in_training = not cfg.kl_over_step  # the KL rows' log-probs come from the loss's forward, after z0 is needed
+        if cfg.share_prompts:
+            if not supported:
+                raise ConfigError("share_prompts: true needs padding-free rows through sdpa or eager attention "
+                                  f"(this model: padding_free {self.packed}, attention "
+                                  f"{self.model.get_base_model().config._attn_implementation}); leave it empty")
+            if not in_training:
+                raise ConfigError("share_prompts: true needs kl_over_step: false (the KL rows' log-probs come "
+                                  "from each micro-batch's training forward, not before the step); leave it empty")
+            return True, True
+        ex = self.train_split.examples
+        ratio = SHARE_PROMPT_RATIO[bool(cfg.gradient_checkpointing)]
+        prompt_heavy = sum(len(e.prompt_ids) for e in ex) > ratio * sum(len(e.completion_ids) for e in ex)
+        # and no shared row longer than max_length, the longest row `estimate` budgets memory for
+        fits = all(len(e.prompt_ids) + len(e.completion_ids) + len(ex[p[i]].completion_ids) <= cfg.max_length
+                   for p in self.train_split.kl_partners for i, e in enumerate(ex))
+        return supported, supported and in_training and prompt_heavy and fits
+
     def pairing(self, split: Split, epoch: int) -> list[int]:
         """Each example's KL partner: another example with a completion of similar length (a derangement,
         new every epoch unless kl_pairing is "fixed")."""
@@ -192,63 +238,93 @@ class Recipe:
                            lengths=[len(e.completion_ids) for e in split.examples])
 
     def compute_reference_columns(self, split: Split) -> None:
-        """log pi_ref of every example and of every epoch's KL rows: one no-grad pass each, cached on disk."""
+        """log pi_ref of every example and of every epoch's KL rows, no grad, cached on disk: one pass each, or,
+        with shared prompts, one pass over each prompt followed by its completion and all its KL completions."""
         ex, cfg = split.examples, self.config
         kw = dict(pad_token_id=self.pad_id, batch_size=cfg.batch_size * REFERENCE_BATCH_MULTIPLIER,
-                  cache_dir=default_cache_dir(), fingerprint=model_fingerprint(self.model),
+                  cache_dir=default_cache_dir(), fingerprint=self.fingerprint, score=self.score,
                   show_progress=self.show_progress, world=self.world, rank=self.rank)
+        if cfg.fsdp:  # each forward is a collective: every process runs the same passes (not a share of them)
+            kw["split"] = False
+        pairings = []  # the distinct pairings (kl_pairing: fixed -- one for every epoch)
+        for p in split.kl_partners if cfg.loss_type == "kto" else []:  # apo_zero_unpaired has no z0, no KL rows
+            pairings += [] if p in pairings else [p]
+        kl_completions = [[ex[p[i]].completion_ids[: cfg.max_length - len(e.prompt_ids)] for i, e in enumerate(ex)]
+                          for p in pairings]
         with self.accelerator.autocast():
-            split.reference_logps = cached_reference_logps(
-                self.model, [(e.prompt_ids, e.completion_ids) for e in ex], desc="reference log-probs", **kw)
-            if cfg.loss_type == "kto":  # apo_zero_unpaired has no z0, hence no KL rows
-                split.reference_kl_logps = []
-                for epoch, p in enumerate(split.kl_partners):
-                    if epoch and p == split.kl_partners[0]:  # kl_pairing: fixed -- the same rows again
-                        split.reference_kl_logps.append(split.reference_kl_logps[0])
-                        continue
-                    kl_rows = [(e.prompt_ids, ex[p[i]].completion_ids[: cfg.max_length - len(e.prompt_ids)])
-                               for i, e in enumerate(ex)]
-                    split.reference_kl_logps.append(cached_reference_logps(
-                        self.model, kl_rows, desc=f"reference KL log-probs, epoch {epoch + 1}", **kw))
+            if self.share_reference and pairings:
+                columns = cached_reference_logps(
+                    self.model, [(e.prompt_ids, [e.completion_ids, *(kl[i] for kl in kl_completions)])
+                                 for i, e in enumerate(ex)], desc="reference log-probs (examples and KL rows)",
+                    shared=True, **kw)  # (N, 1 + distinct pairings)
+            else:
+                prompts = [e.prompt_ids for e in ex]
+                passes = [("reference log-probs", [e.completion_ids for e in ex]),
+                          *((f"reference KL log-probs, epoch {k + 1}", kl) for k, kl in enumerate(kl_completions))]
+                columns = torch.stack([cached_reference_logps(self.model, list(zip(prompts, completions)), desc=desc, **kw)
+                                       for desc, completions in passes], dim=1)  # (N, 1 + distinct pairings)
+        split.reference_logps = columns[:, 0].contiguous()
+        split.reference_kl_logps = [columns[:, 1 + pairings.index(p)].contiguous() for p in split.kl_partners
+                                    ] if pairings else []
 
     def micro_batch(self, split: Split, epoch: int, indices: list[int]) -> MicroBatch:
         ex, device, cfg = split.examples, self.accelerator.device, self.config
-        prompts = [ex[i].prompt_ids for i in indices]
-        rows = collate(prompts, [ex[i].completion_ids for i in indices], self.pad_id, packed=self.packed)
-        kl_rows = None
-        if cfg.loss_type == "kto":
-            partner = split.kl_partners[epoch]
-            kl_rows = collate(prompts, [ex[partner[i]].completion_ids for i in indices], self.pad_id,
-                              cfg.max_length, packed=self.packed).to(device)
+        prompts, completions = [ex[i].prompt_ids for i in indices], [ex[i].completion_ids for i in indices]
+        kl_completions = [ex[split.kl_partners[epoch][i]].completion_ids for i in indices] if cfg.loss_type == "kto" else None
+        if self.shared:  # one row per prompt: [prompt | completion | KL completion]
+            rows, kl_rows = collate_shared(prompts, [completions, kl_completions], cfg.max_length), None
+        else:
+            rows = collate(prompts, completions, self.pad_id, packed=self.packed)
+            kl_rows = collate(prompts, kl_completions, self.pad_id, cfg.max_length,
+                              packed=self.packed).to(device) if kl_completions else None
         column = split.reference_logps
         return MicroBatch(
             rows=rows.to(device), kl_rows=kl_rows,
             labels=torch.tensor([ex[i].label for i in indices], dtype=torch.bool, device=device),
             reference_logps=column[indices].to(device) if column is not None else None,
             reference_kl_logps=(split.reference_kl_logps[epoch][indices].to(device)
-                                if split.reference_kl_logps else None))
+                                if split.reference_kl_logps else None),
+            shared=self.shared)
 
     # ------------------------------------------------------------------ the pieces of a step
-    def reference_logps(self, rows: Rows, cached: torch.Tensor | None) -> torch.Tensor:
-        """(B,) log pi_ref: the precomputed column, or the same model with its adapters off, no grad."""
+    def reference_logps(self, mb: MicroBatch, kl: bool = False) -> torch.Tensor:
+        """(B,) log pi_ref of the examples (kl: of the KL rows): the precomputed column, or the same model with
+        its adapters off, no grad."""
+        cached = mb.reference_kl_logps if kl else mb.reference_logps
         if cached is not None:
             return cached
         with self.accelerator.autocast(), reference_mode(self.model):
-            return completion_logps(self.model, rows)
+            if mb.shared:
+                logps = self.score(mb.rows)
+                return logps[len(mb) :] if kl else logps[: len(mb)]
+            return self.score(mb.kl_rows if kl else mb.rows)
 
-    def kl_logratios(self, mb: MicroBatch) -> torch.Tensor:
-        """(B',) log pi - log pi_ref of the KL rows that kept a completion token (they only feed the detached z0)."""
-        with self.accelerator.autocast(), no_grad_policy(self.model):
-            policy_kl_logps = completion_logps(self.model, mb.kl_rows)
-        ratios = policy_kl_logps - self.reference_logps(mb.kl_rows, mb.reference_kl_logps)
-        return ratios[mb.kl_rows.completion_lengths() > 0]  # the authors' code skips empty KL rows
+    def score(self, rows: Rows) -> torch.Tensor:
+        """(n_sequences,) log-probs for the passes without grad: the model itself (no DDP bookkeeping), or under
+        FSDP the sharded policy module, whose forward alone gathers the root's weights."""
+        return self.policy(rows) if self.config.fsdp else completion_logps(self.model, rows)
 
-    def z0(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
+    def policy_logps(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,) log pi(y|x) with grad; on shared-prompt rows also the KL rows' (B,), from the same forward, detached."""
+        logps = self.policy(mb.rows)
+        return (logps[: len(mb)], logps[len(mb) :].detach()) if mb.shared else (logps, None)
+
+    def kl_logratios(self, mb: MicroBatch, policy_kl_logps: torch.Tensor | None = None) -> torch.Tensor:
+        """(B',) log pi - log pi_ref of the KL rows that kept a completion token (they only feed the detached z0).
+        The policy's KL log-probs come from a no-grad pass here, unless the policy forward already gave them."""
+        if policy_kl_logps is None:
+            with self.accelerator.autocast(), no_grad_policy(self.model):
+                policy_kl_logps = self.score(mb.kl_rows)
+        ratios = policy_kl_logps - self.reference_logps(mb, kl=True)
+        return ratios[mb.kl_completion_lengths() > 0]  # the authors' code skips empty KL rows
+
+    def z0(self, micro_batches: list[MicroBatch], policy_kl_logps: list | None = None) -> torch.Tensor:
         """z0 = max(0, mean KL log-ratio) over these micro-batches and over all processes, detached (eq. 7).
         apo_zero_unpaired has no reference point: 0."""
         if self.config.loss_type != "kto":
             return torch.zeros((), device=self.accelerator.device)
-        ratios = torch.cat([self.kl_logratios(mb) for mb in micro_batches]).double()
+        policy_kl_logps = policy_kl_logps or [None] * len(micro_batches)
+        ratios = torch.cat([self.kl_logratios(mb, kl) for mb, kl in zip(micro_batches, policy_kl_logps)]).double()
         total = torch.stack([ratios.sum(), ratios.new_tensor(ratios.numel())])
         if self.world > 1:
             total = self.accelerator.reduce(total, "sum")  # every process uses the same z0 (DESIGN)
@@ -272,19 +348,21 @@ class Recipe:
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.policy):  # sync grads once per step
-                policy_logps = self.policy(mb.rows)  # (B,) log pi(y|x), with grad
-                reference_logps = self.reference_logps(mb.rows, mb.reference_logps)  # (B,) cached, or adapters off
-                z0 = step_z0 if step_z0 is not None else self.z0([mb])  # () detached, over all processes
+                policy_logps, policy_kl_logps = self.policy_logps(mb)  # (B,) log pi(y|x), with grad
+                reference_logps = self.reference_logps(mb)  # (B,) cached, or adapters off
+                z0 = step_z0 if step_z0 is not None else self.z0([mb], [policy_kl_logps])  # () detached, all processes
                 out = kto_loss(policy_logps, reference_logps, mb.labels, z0=z0, **self.loss_settings)
                 self.accelerator.backward(out.loss * len(mb) / n_examples)  # the step's mean over examples
             finite &= bool(torch.isfinite(out.loss))
-            meter.add(out, policy_logps.detach(), mb.labels, mb.rows.tokens())
+            meter.add(out, policy_logps.detach(), mb.labels, mb.rows.tokens(len(mb)))
         grad_norm = self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a norm over the shards of all processes
+            grad_norm = grad_norm.full_tensor()
         finite &= bool(torch.isfinite(grad_norm))
         if finite or self.accelerator.scaler is not None:
             self.optimizer.step()  # with fp16 the loss scaler skips an overflowing step itself and lowers its scale
-        stepped = finite and not self.optimizer.step_was_skipped
+        stepped = finite and not getattr(self.optimizer, "step_was_skipped", False)
         if stepped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,10 +376,10 @@ class Recipe:
         self.policy.eval()
         for indices in self.epoch_plan(self.eval_split, 0):
             mb = self.micro_batch(self.eval_split, 0, indices)
-            policy_logps = self.policy(mb.rows)
-            out = kto_loss(policy_logps, self.reference_logps(mb.rows, mb.reference_logps), mb.labels,
-                           z0=self.z0([mb]), **self.loss_settings)
-            meter.add(out, policy_logps, mb.labels, mb.rows.tokens())
+            policy_logps, policy_kl_logps = self.policy_logps(mb)
+            out = kto_loss(policy_logps, self.reference_logps(mb), mb.labels,
+                           z0=self.z0([mb], [policy_kl_logps]), **self.loss_settings)
+            meter.add(out, policy_logps, mb.labels, mb.rows.tokens(len(mb)))
         self.policy.train()
         return {f"eval_{k}": v for k, v in meter.result(self.accelerator).items()}
 
@@ -369,16 +447,22 @@ class Recipe:
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, step: int) -> None:
+        if self.config.fsdp:  # the sharded optimizer state is not saved yet: FSDP runs save the adapter in finish
+            return
         self.accelerator.wait_for_everyone()
         self.run.save_checkpoint(step, self.model, self.optimizer, self.scheduler, self.accelerator, self.config)
 
     def finish(self, state: str, step: int, started: float, reference_seconds: float, tokens: int) -> dict:
         self.accelerator.wait_for_everyone()
+        adapter = gathered_adapter(self.model) if self.config.fsdp else None  # every process takes part
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(self.run.path, selected_adapters=["default"])
+            self.model.save_pretrained(self.run.path, selected_adapters=["default"], state_dict=adapter)
         seconds = time.perf_counter() - started
         timing = {"reference_seconds": round(reference_seconds, 3),
-                  "train_seconds": round(seconds - reference_seconds, 3), "tokens": tokens}
+                  "train_seconds": round(seconds - reference_seconds, 3), "tokens": tokens,
+                  "shared_prompts": {"reference": self.share_reference, "training": self.shared}}
+        if self.config.fsdp:
+            timing["fsdp_weights_per_process"] = round(self.shard_fraction, 4)
         message = "" if state == "finished" else f"stopped at step {step}; resume with --resume_from_checkpoint true"
         self.run.status(state, phase=state, step=step, message=message, timing=timing)
         return {"state": state, "step": step, "total_steps": len(self.steps), "seconds": seconds}
@@ -396,8 +480,14 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
         mixed_precision=precision, cpu=not torch.cuda.is_available(),
         log_with=None if config.report_to == "none" else config.report_to, project_dir=config.output_dir)
     if accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError("FSDP is not wired into the trainer yet: recipes/fsdp_qlora.yaml is checked by "
-                          "benchmarks/gpu_check.py only (docs/multi_gpu.md). Use DDP (one copy per GPU) meanwhile.")
+        raise ConfigError("launch without accelerate's FSDP plugin and set fsdp: true in the training config: "
+                          "kto_lite shards the 4-bit model itself (docs/multi_gpu.md)")
+    if config.fsdp and accelerator.num_processes == 1:
+        raise ConfigError("fsdp shards the model across the processes of a multi-process launch; start it with "
+                          "torchrun --nproc_per_node N -m kto_lite train ... (N >= 2), or leave fsdp off")
+    if config.fsdp and precision == "fp16":
+        raise ConfigError("fsdp needs bf16 or fp32 compute (mixed_precision: bf16, or no); this GPU computes in "
+                          "fp16 (no bf16 before compute capability 8.0): train without fsdp")
     resume_from = _prepare_output_dir(config, accelerator)
     run = RunDir(config.output_dir, main=accelerator.is_main_process)
     recipe = Recipe(config, accelerator, run, show_progress)
@@ -503,9 +593,32 @@ def summary(output_dir: Path, result: dict) -> str:
     return "\n".join(lines)
 
 
+def shard(policy: PolicyLogps, model, precision: str) -> float:
+    """FSDP (torch's fully_shard, FSDP2): each decoder layer is one unit, gathered for its forward and backward
+    only; the rest (embeddings, final norm, head) belongs to the policy module, the root. The 4-bit weights
+    are stored in the compute dtype (load_base(fsdp=True)); bf16 compute gathers everything in bf16 and
+    reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    options = {}
+    if precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.get_base_model().get_decoder().layers:
+        fully_shard(layer, **options)
+    fully_shard(policy, **options)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
+    return local / sum(p.numel() for p in policy.parameters())  # the share of the weights this process holds
+
+
+def gathered_adapter(model) -> dict[str, torch.Tensor]:
+    """The trained adapter's weights, whole, from their FSDP shards (a collective: every process calls it)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in model.named_parameters() if "lora_" in name and ".default." in name}
+
+
 def make_optimizer(model, config: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
-    name = resolve_optimizer(config.optimizer)
+    name = resolve_optimizer(config.optimizer, fsdp=config.fsdp)
     kw = dict(lr=config.learning_rate, weight_decay=config.weight_decay)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, **kw)

@@ -20,6 +20,14 @@ is fixed by a hash of the unordered pair (no seed).
 
     python recipes/real_task.py runs/real/train.jsonl --n 150 --split train
     python recipes/real_task.py runs/real/heldout.jsonl --n 200 --split eval --seed 1
+
+A second kind of held-out prompts asks the *practised* facts in words the training prompts do not
+use: `--practised train.jsonl` takes prompts of the train split whose sum the training file asks
+(in another phrasing or order) but which it does not contain itself. Held-out facts measure whether
+what is learnt carries to sums never practised; held-out phrasings, whether the practised sums are
+answered right however they are asked (README, "Rounds on the real model").
+
+    python recipes/real_task.py runs/real/phrasings.jsonl --n 200 --practised runs/real/train.jsonl --seed 2
 """
 
 from __future__ import annotations
@@ -81,17 +89,34 @@ def prompt_rows(n: int, *, seed: int = 0, split: str = "train") -> list[dict]:
     return random.Random(seed).sample(pool, n)
 
 
+def practised_rows(n: int, training_prompts: list[dict], *, seed: int = 0) -> list[dict]:
+    """`n` prompts of the train split that ask a sum of `training_prompts` but are not among them."""
+    used = {r["prompt"] for r in training_prompts}
+    facts = {tuple(sorted((r["a"], r["b"]))) for r in training_prompts}
+    pool = [r for r in _pool("train") if r["prompt"] not in used and tuple(sorted((r["a"], r["b"]))) in facts]
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"{len(pool)} unused prompts ask the practised sums; cannot choose {n}")
+    return random.Random(seed).sample(pool, n)
+
+
 def judge(prompt, completion: str, row: dict) -> bool:
     """True when the completion's last integer is the sum (kto_lite's `number` judge, for these rows)."""
     numbers = _NUMBERS.findall(completion.replace(",", ""))
     return bool(numbers) and int(numbers[-1]) == int(row["answer"])
 
 
-def write_prompts(path: str | Path, n: int, *, seed: int = 0, split: str = "train") -> Path:
-    """A prompt file for `python -m kto_lite sample/evaluate/loop --judge number`."""
+def write_prompts(path: str | Path, n: int, *, seed: int = 0, split: str = "train",
+                  practised: str | Path | None = None) -> Path:
+    """A prompt file for `python -m kto_lite sample/evaluate/loop --judge number`; with `practised` (a training
+    prompt file), held-out phrasings of its sums instead of a split's prompts."""
     path = Path(path)
+    if practised is not None:
+        training = [json.loads(line) for line in Path(practised).read_text().splitlines() if line.strip()]
+        rows = practised_rows(n, training, seed=seed)
+    else:
+        rows = prompt_rows(n, seed=seed, split=split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(n, seed=seed, split=split)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -101,5 +126,7 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=150, help="number of prompts")
     parser.add_argument("--split", choices=("train", "eval"), default="train")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--practised", metavar="TRAIN.jsonl",
+                        help="held-out phrasings of the sums this training prompt file asks (instead of --split)")
     args = parser.parse_args()
-    print(f"wrote {write_prompts(args.out, args.n, seed=args.seed, split=args.split)}")
+    print(f"wrote {write_prompts(args.out, args.n, seed=args.seed, split=args.split, practised=args.practised)}")

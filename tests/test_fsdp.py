@@ -1,10 +1,9 @@
 """QLoRA sharded with FSDP across two CPU processes gives the same log-probs and LoRA gradients as one process.
 
-accelerate's FSDP plugin refuses to run without an accelerator device ("There are currently no
-available devices found"), so the sharding itself is tested here with torch's own FSDP (fully_shard)
-on gloo: 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage), each decoder layer and
-the policy sharded, padded and packed rows. The accelerate launch of recipes/fsdp_qlora.yaml is run by
-benchmarks/gpu_check.py on a GPU machine.
+The sharding the trainer does under `fsdp: true` (train.shard: torch's own FSDP, fully_shard, on gloo
+here), checked piece by piece: 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage), each
+decoder layer and the policy sharded, padded and packed rows. The whole training run under torchrun is
+tests/test_train.py::test_fsdp_trains_what_ddp_trains.
 """
 
 import json

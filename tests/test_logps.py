@@ -18,9 +18,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from kto_lite.batching import collate
+from kto_lite.batching import collate, collate_shared
 from kto_lite.config import TrainConfig
-from kto_lite.logps import completion_logps, supports_packing
+from kto_lite.logps import completion_logps, supports_packing, supports_shared_prompts
 from kto_lite.model import add_lora, load_base
 from kto_lite.packing import SEGMENT_PREFIX
 
@@ -216,3 +216,40 @@ def test_packed_masks_hold_only_the_diagonal_blocks(model_dirs, arch):
     assert isinstance(seen[-1], BlockMasks)  # (earlier calls: the head check on unpacked tokens)
     assert [tuple(m.shape[-2:]) for m in seen[-1]] == [(p + c, p + c) for p, c in zip(map(len, prompts),
                                                                                        map(len, completions))]
+
+
+# ---------------------------------------------------------------------- shared prompts
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["full", "4bit"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_shared_prompt_rows_equal_separate_rows(model_dirs, arch, load_in_4bit):
+    """Each prompt once with two completions (the example's and its KL partner's) gives each completion
+    the log-probs and LoRA gradients it gets alone after its prompt (Gemma-2: sliding window 6 < rows)."""
+    model = trainer_model(model_dirs[arch], load_in_4bit)
+    prompts, completions = sequences()
+    _, kl_completions = sequences(prompts=(1, 1, 1, 1), completions=(4, 12, 0, 6))
+    shared = collate_shared(prompts, [completions, kl_completions], max_length=14)
+    separate = [collate(prompts, completions, 0, packed=True), collate(prompts, kl_completions, 0, 14, packed=True)]
+    assert shared.tokens() == sum(map(len, prompts)) + sum(map(len, completions)) + 4 + 5 + 0 + 6  # KL cut at 14
+    assert shared.tokens(len(prompts)) == separate[0].tokens()  # the examples' tokens, prompts counted once
+    lora = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.7, -1.1, 2.0, 0.3])
+    values = completion_logps(model, shared)
+    alone = torch.cat([completion_logps(model, rows) for rows in separate])
+    torch.testing.assert_close(values, alone, rtol=1e-5, atol=1e-4)
+    assert values[3] == 0 and values[6] == 0  # empty completions score nothing
+    for a, b in zip(torch.autograd.grad((values * weights).sum(), lora),
+                    torch.autograd.grad((alone * weights).sum(), lora)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item()))
+    assert supports_shared_prompts(model)
+
+
+def test_a_completion_does_not_see_its_siblings(model):
+    """Changing the example's completion changes nothing in its KL sibling, and vice versa."""
+    prompts, completions = sequences()
+    kl = [list(reversed(c)) for c in completions]
+    with torch.no_grad():
+        base = completion_logps(model, collate_shared(prompts, [completions, kl]))
+        changed = [list(c) for c in completions]
+        changed[1][0] = (changed[1][0] + 1) % VOCAB
+        after = completion_logps(model, collate_shared(prompts, [changed, kl]))
+    assert after[1] != base[1] and torch.equal(after[[0, 2, 3, 4, 5, 6, 7]], base[[0, 2, 3, 4, 5, 6, 7]])

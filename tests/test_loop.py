@@ -56,8 +56,10 @@ def prompts(tmp_path_factory):
 
 
 def loop_args(prompts, rounds: int, judge: str = "exact", **kwargs) -> LoopArgs:
+    """The demo setup of docs/loop.md, measured at the same rate every round (as recipes/demo.py trains)."""
     sampling = SampleArgs(n=4, judge=judge, **demo_task.SAMPLING)
-    return LoopArgs(rounds, *prompts, sampling, eval_n=4, sample_batch_size=64, eval_judge="exact", **kwargs)
+    return LoopArgs(rounds, *prompts, sampling, eval_n=4, sample_batch_size=64, eval_judge="exact",
+                    **{"learning_rate_decay": 1.0, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,7 @@ def test_a_round_on_reversed_labels_makes_things_worse(tmp_path, prompts):
         ("", ["--data", "x.jsonl"], "--data: did you mean --eval_data?"),
         ("reference: previous\n", [], "reference must be one of"),
         ("", ["--rounds", "0"], "at least 1"),
+        ("", ["--learning_rate_decay", "0"], "learning_rate_decay must be in"),
         ("", ["--judge", "nope"], "unknown judge"),
         ("", ["--judge", "exact", "--reference_column", "gold"], "no column 'gold'"),
         ("lerning_rate: 1e-4\n", [], "did you mean 'learning_rate'"),
@@ -176,6 +179,10 @@ def test_the_command_line_runs_rounds_with_the_reference_it_is_given(tmp_path, c
                                                                               ["round", "2"]]
     first, second = (TrainConfig.load(tmp_path / "run" / f"round-{r}" / "config.yaml") for r in (1, 2))
     assert first.reference == "base" and first.init_adapter is None and first.seed == 3
+    assert first.learning_rate == TrainConfig().resolved().learning_rate  # the demo model's own rate...
+    assert second.learning_rate == pytest.approx(first.learning_rate / 2)  # ...halved in round 2 (the default)
+    rounds = json.loads((tmp_path / "run" / "rounds.json").read_text())
+    assert [r.get("learning_rate") for r in rounds] == [None, first.learning_rate, second.learning_rate]
     assert second.reference == "init_adapter" and second.init_adapter == str(tmp_path / "run" / "round-1")
     meta = json.loads((tmp_path / "run" / "round-2" / "samples.meta.json").read_text())
     assert meta["seed"] == 5 and meta["temperature"] == 0.7 and meta["max_new_tokens"] == 16  # seed + round

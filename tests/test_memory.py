@@ -354,6 +354,14 @@ def test_precomputed_reference_removes_the_reference_pass():
     assert on.reference_pass == 0 and off.reference_pass == off.kl_pass > 0
 
 
+def test_forced_prompt_sharing_budgets_longer_rows():
+    """share_prompts: true can put a prompt and two completions (up to 2 x max_length - max_prompt_length
+    tokens) in one row; empty (auto) shares only rows that fit max_length, the budget as it was."""
+    config = dict(model="Qwen/Qwen2.5-0.5B-Instruct", max_length=1024, max_prompt_length=512)
+    auto, forced = estimate_memory(TrainConfig(**config)), estimate_memory(TrainConfig(**config, share_prompts=True))
+    assert forced.activations > 1.4 * auto.activations and forced.description["max_length"] == 1024
+
+
 def test_gradient_checkpointing_saves_memory_and_4bit_saves_weights():
     base = TrainConfig(model="meta-llama/Llama-3.2-3B-Instruct")
     no_gc = TrainConfig(model=base.model, gradient_checkpointing=False)

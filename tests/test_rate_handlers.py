@@ -223,7 +223,7 @@ def started(monkeypatch):
 
 
 def test_next_round_trains_from_the_runs_adapter_on_its_feedback(runs, adapter_files, started):
-    run = make_run(runs, adapter_files, beta=0.3)
+    run = make_run(runs, adapter_files, beta=0.3, learning_rate=4e-4)
     _, _, batch = generate(str(run))[-1]
     for index in (1, 2, 5):
         batch, _ = rh.on_rate(batch, like(index, index != 2))
@@ -235,6 +235,7 @@ def test_next_round_trains_from_the_runs_adapter_on_its_feedback(runs, adapter_f
     assert argv[:3] == ["-m", "kto_lite", "train"] and f"--init_adapter {run}" in command
     assert config.init_adapter == str(run) and config.reference == "init_adapter"
     assert (config.model, config.lora_r, config.beta) == (str(DEMO_MODEL_DIR), 4, 0.3)  # the run's settings
+    assert config.learning_rate == pytest.approx(2e-4)  # at half the run's rate, as the loop's later rounds
     assert config.num_epochs == 2 and config.max_steps is None and Path(config.output_dir) == out
     assert out.parent == runs and out.name.endswith("-demo-round-2") and "demo-round-2" in message
     snapshot = Path(config.data)  # a copy: more ratings later do not change what this run trained on

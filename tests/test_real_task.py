@@ -1,6 +1,7 @@
 """recipes/real_task.py (the real-model task of docs/defaults.md): splits, prompt files, judge. No model."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -44,6 +45,18 @@ def test_prompt_rows_are_distinct_and_seeded(task):
         task.prompt_rows(10_000, split="eval")
     with pytest.raises(ValueError, match="split"):
         task.prompt_rows(1, split="test")
+
+
+def test_practised_phrasings_ask_trained_sums_in_unseen_prompts(task, tmp_path):
+    training = task.write_prompts(tmp_path / "train.jsonl", 150, split="train")
+    rows = [json.loads(line) for line in task.write_prompts(tmp_path / "phrasings.jsonl", 200, seed=2,
+                                                            practised=training).read_text().splitlines()]
+    trained = [json.loads(line) for line in training.read_text().splitlines()]
+    assert len({r["prompt"] for r in rows}) == 200
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in trained}  # no training prompt again
+    assert _facts(rows) <= _facts(trained)  # only sums the training prompts ask
+    with pytest.raises(ValueError, match="cannot choose"):
+        task.practised_rows(10_000, trained)
 
 
 @pytest.mark.parametrize(("completion", "right"), [

@@ -228,8 +228,9 @@ def build_demo() -> gr.Blocks:
                 with gr.Column(scale=2):
                     rate_counts = gr.Markdown()
                     rate_save = gr.Button("Add the rated answers to the feedback file", variant="primary")
-            gr.Markdown("### Train the next round\n`python -m kto_lite train` with the run's settings, its "
-                        "feedback file as data and `--init_adapter RUN`: training continues from the run's adapter.")
+            gr.Markdown("### Train the next round\n`python -m kto_lite train` with the run's settings at half its "
+                        "learning rate, its feedback file as data and `--init_adapter RUN`: training continues from "
+                        "the run's adapter.")
             with gr.Row(equal_height=False):
                 rate_epochs = gr.Number(0, precision=None, minimum=0, label="epochs", info="0: as the run.")
                 rate_reference_model = gr.Radio(["base", "init_adapter"], value="base", label="KTO reference",

@@ -9,8 +9,8 @@
 3. Each answer is rated with the thumbs under it, or by a judge (`kto_lite.judges`) for those not
    rated by hand. Saving appends the rated answers to the run's feedback file, in the same rows the
    Chat tab's thumbs write (`kto_lite.chat.append_feedback`); the Data tab lists that file.
-4. "Train the next round" starts `python -m kto_lite train` with the run's own settings, the feedback
-   file as data and `--init_adapter RUN`: training continues from the run's adapter.
+4. "Train the next round" starts `python -m kto_lite train` with the run's own settings at half its
+   learning rate, the feedback file as data and `--init_adapter RUN`: training continues from the run's adapter.
 
 The answers in progress live in a gr.State `batch`: {"source", "base_model", "system", "items"}, one
 item per answer: {"prompt", "row", "completion", "label" (None: unrated), "by", "saved", "index"}
@@ -295,8 +295,9 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
 
     The run's own settings (its config.yaml: model, LoRA shape, beta, ...), except: data is a snapshot
     of its feedback file (the run keeps pointing at rows that do not change), init_adapter is the run,
-    the reference is `reference`, and the length is `epochs` passes (0 or None: as the run; max_steps
-    is cleared: it was sized for the previous data).
+    the reference is `reference`, the learning rate is half the run's (as the loop's later rounds:
+    kto_lite.loop.LEARNING_RATE_DECAY), and the length is `epochs` passes (0 or None: as the run;
+    max_steps is cleared: it was sized for the previous data).
     """
     previous = None if source == ch.BASE else h.run_folder(source)
     if previous is not None and (previous / "config.yaml").is_file():
@@ -308,6 +309,11 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
             from kto_lite.chat import adapter_base
 
             values["model"] = adapter_base(previous, resolve=False)
+    if previous is not None:
+        from kto_lite.loop import LEARNING_RATE_DECAY
+
+        rate = values.get("learning_rate") or TrainConfig(model=values.get("model")).resolved().learning_rate
+        values["learning_rate"] = rate * LEARNING_RATE_DECAY
     label = _round_label(previous, values)
     values.update(data=str(h.stage_file(feedback, "feedback-")), resume_from_checkpoint=False,
                   output_dir=str(jobs.new_run_dir(h.SETTINGS.runs_dir, label)), max_steps=None,
