@@ -222,11 +222,14 @@ def run_fsdp(model_dir: Path, data: Path, precision: str, workdir: Path) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    status = json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
+    sys.path.insert(0, str(REPO))
+    from kto_lite.run_dir import read_metrics, read_status
+
+    status = read_status(out) or {}
     if proc.returncode != 0 or status.get("status") != "finished":
         tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         return f"- FSDP QLoRA ({processes} process(es), {precision}): FAILED: {tail}"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     return (f"- FSDP QLoRA (`--fsdp true`, {processes} process(es), {precision}): 2 steps, losses "
             f"{', '.join(format(r['loss'], '.4f') for r in rows)}, weights per process "
             f"{status['timing'].get('fsdp_weights_per_process')}, peak {max(r['peak_memory_mb'] for r in rows):,.0f} "

@@ -87,21 +87,36 @@ def supports_packing(model) -> bool:
     return _packing_checked[base]
 
 
-@torch.no_grad()
-def _packed_equals_separate(base) -> bool:
-    device = base.get_output_embeddings().weight.device
+def _random_tokens(base, *groups) -> list[list[list[int]]]:
+    """Token ids for the layout checks: per group of lengths, one random sequence per length (seeded)."""
     vocab = base.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 7)]
+    return [[torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths] for lengths in groups]
+
+
+@torch.no_grad()
+def _in_both_layouts(base, together, alone) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(together(), alone()) computed in eval mode without grad; None where the model's code cannot take
+    the combined layout (e.g. it reshapes the mask itself)."""
     was_training = base.training
     base.eval()
     try:
-        packed = _hidden_states(base, collate(sequences, [[], []], 0, packed=True).to(device))[0]  # (12, H)
-        alone = torch.cat([_hidden_states(base, collate([s], [[]], 0).to(device))[0] for s in sequences])
+        return together(), alone()
     except (TypeError, AttributeError, IndexError, ValueError, RuntimeError):
-        return False  # the model's code cannot take a packed row (e.g. it reshapes the mask itself)
+        return None
     finally:
         base.train(was_training)
+
+
+def _packed_equals_separate(base) -> bool:
+    device = base.get_output_embeddings().weight.device
+    (sequences,) = _random_tokens(base, (5, 7))
+    both = _in_both_layouts(
+        base, lambda: _hidden_states(base, collate(sequences, [[], []], 0, packed=True).to(device))[0],  # (12, H)
+        lambda: torch.cat([_hidden_states(base, collate([s], [[]], 0).to(device))[0] for s in sequences]))
+    if both is None:
+        return False
+    packed, alone = both
     half = packed.dtype in (torch.float16, torch.bfloat16)
     tolerance = (3e-2 if half else 1e-4) * (1 + alone.abs().max().item())
     return bool((packed.float() - alone.float()).abs().max() <= tolerance)
@@ -121,22 +136,15 @@ def supports_shared_prompts(model) -> bool:
     return _sharing_checked[base]
 
 
-@torch.no_grad()
 def _shared_equals_separate(base) -> bool:
     device = base.get_output_embeddings().weight.device
-    vocab = base.get_output_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    prompts, first, second = ([torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-                              for lengths in ((5, 3), (4, 6), (7, 2)))
-    was_training = base.training
-    base.eval()
-    try:
-        shared = completion_logps(base, collate_shared(prompts, [first, second]).to(device))
-        alone = torch.cat([completion_logps(base, collate(prompts, c, 0).to(device)) for c in (first, second)])
-    except (TypeError, AttributeError, IndexError, ValueError, RuntimeError):
+    prompts, first, second = _random_tokens(base, (5, 3), (4, 6), (7, 2))
+    both = _in_both_layouts(
+        base, lambda: completion_logps(base, collate_shared(prompts, [first, second]).to(device)),
+        lambda: torch.cat([completion_logps(base, collate(prompts, c, 0).to(device)) for c in (first, second)]))
+    if both is None:
         return False
-    finally:
-        base.train(was_training)
+    shared, alone = both
     half = shared.dtype in (torch.float16, torch.bfloat16) or base.dtype in (torch.float16, torch.bfloat16)
     return bool(((shared - alone).abs() <= (3e-2 if half else 1e-4) * (1 + alone.abs())).all())
 

@@ -108,6 +108,7 @@ def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_pr
         return json.loads((folder / "round.json").read_text())
     previous = str(round_dir(config, r - 1)) if r > 1 else config.init_adapter
     reference = _reference(config, args, previous)
+    learning_rate = _learning_rate(config, args, r)
     staging = Path(config.output_dir) / f".round-{r}-samples"  # train() wants output_dir to itself
     seconds: dict[str, float] = {}
     if not _trained(folder):
@@ -118,8 +119,7 @@ def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_pr
         seconds["sample"] = time.perf_counter() - start
         state.free()  # training loads its own copy of the base
         start = time.perf_counter()
-        _train_round(config, folder, staging / "samples.jsonl", previous, reference, _learning_rate(config, args, r),
-                     show_progress)
+        _train_round(config, folder, staging / "samples.jsonl", previous, reference, learning_rate, show_progress)
         seconds["train"] = time.perf_counter() - start
         _move_samples(staging, folder)
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_pr
     seconds["evaluate"] = time.perf_counter() - start
     summary = summarize(folder / "samples.jsonl")
     record = {"round": r, "adapter": str(folder), "init_adapter": previous, "reference": reference,
-              "learning_rate": _learning_rate(config, args, r),
+              "learning_rate": learning_rate,
               **_result_fields(result), "samples": summary["samples"], "desirable": summary["desirable"],
               "desirable_share": summary["desirable_share"], "judge_failures_in_samples": len(summary["failures"]),
               "seconds": seconds}  # this invocation's: a round continued after a crash shows the rest only

@@ -60,9 +60,14 @@ JUDGE = "number"
 _NUMBERS = re.compile(r"-?\d+")
 
 
+def fact(a: int, b: int) -> tuple[int, int]:
+    """The sum a + b as a fact: b + a is the same one."""
+    return min(a, b), max(a, b)
+
+
 def split_of(a: int, b: int) -> str:
     """"train" or "eval" for the sum a + b (and b + a), from a hash: no seed decides it."""
-    low, high = sorted((a, b))
+    low, high = fact(a, b)
     digest = hashlib.sha256(f"{low}+{high}".encode()).digest()
     share, out_of = EVAL_FRACTION
     return "eval" if int.from_bytes(digest[:4], "big") % out_of < share else "train"
@@ -92,8 +97,8 @@ def prompt_rows(n: int, *, seed: int = 0, split: str = "train") -> list[dict]:
 def practised_rows(n: int, training_prompts: list[dict], *, seed: int = 0) -> list[dict]:
     """`n` prompts of the train split that ask a sum of `training_prompts` but are not among them."""
     used = {r["prompt"] for r in training_prompts}
-    facts = {tuple(sorted((r["a"], r["b"]))) for r in training_prompts}
-    pool = [r for r in _pool("train") if r["prompt"] not in used and tuple(sorted((r["a"], r["b"]))) in facts]
+    facts = {fact(r["a"], r["b"]) for r in training_prompts}
+    pool = [r for r in _pool("train") if r["prompt"] not in used and fact(r["a"], r["b"]) in facts]
     if not 0 <= n <= len(pool):
         raise ValueError(f"{len(pool)} unused prompts ask the practised sums; cannot choose {n}")
     return random.Random(seed).sample(pool, n)

@@ -19,6 +19,7 @@ where "index" is the answer's position in the Chatbot (what a thumbs event repor
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -309,11 +310,6 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
             from kto_lite.chat import adapter_base
 
             values["model"] = adapter_base(previous, resolve=False)
-    if previous is not None:
-        from kto_lite.loop import LEARNING_RATE_DECAY
-
-        rate = values.get("learning_rate") or TrainConfig(model=values.get("model")).resolved().learning_rate
-        values["learning_rate"] = rate * LEARNING_RATE_DECAY
     label = _round_label(previous, values)
     values.update(data=str(h.stage_file(feedback, "feedback-")), resume_from_checkpoint=False,
                   output_dir=str(jobs.new_run_dir(h.SETTINGS.runs_dir, label)), max_steps=None,
@@ -321,7 +317,12 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
                   reference=reference if previous else "base", overwrite_output_dir=False)
     if epochs:
         values["num_epochs"] = float(epochs)
-    return TrainConfig.from_dict(values, source="next round"), previous
+    config = TrainConfig.from_dict(values, source="next round")
+    if previous is not None:  # the run's rate (as set, or its model's default), halved as in the loop
+        from kto_lite.loop import LEARNING_RATE_DECAY
+
+        config = dataclasses.replace(config, learning_rate=config.resolved().learning_rate * LEARNING_RATE_DECAY)
+    return config, previous
 
 
 def _round_label(previous: Path | None, values: dict) -> str:
