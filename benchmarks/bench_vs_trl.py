@@ -465,6 +465,13 @@ def format_results(results: dict[str, dict], spec: dict, title: str, preset_name
                              f"({kto[f'{prefix}seconds'] / kto['steps'] / per_step:.2f}x with its reference passes)")
             lines.append(f"- KTO step / kto_lite's SFT step ({LABELS[side]}, reference passes apart; target <= "
                          f"{KTO_OVER_SFT}x): " + "; ".join(parts) + ".")
+    kto, base = results.get("kto_lite"), results.get("trl")
+    if kto and head and base:  # what no exact KTO run can do without: the SFT step's work and one reference pass
+        floor = head["seconds"] + kto["reference_seconds"]
+        lines.append(f"- Ceiling: a KTO run does at least kto_lite's SFT step on these rows ({secs(head['seconds'])} s) "
+                     f"and one reference pass over them and the KL rows ({secs(kto['reference_seconds'])} s, each "
+                     f"prompt and completion scored once, no grad): {secs(floor)} s, so at most "
+                     f"{base['seconds'] / floor:.2f}x faster than TRL's default here, were the KL rows free in training.")
     losses = {s: r["losses"][0] for s, r in results.items() if s.startswith(("kto", "trl")) and r["losses"]}
     if losses:
         lines.append("- Step-1 losses (policy == reference, so 0.5 expected on each side): "

@@ -229,11 +229,19 @@ def run_fsdp(model_dir: Path, data: Path, precision: str, workdir: Path) -> str:
     if proc.returncode != 0 or status.get("status") != "finished":
         tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         return f"- FSDP QLoRA ({processes} process(es), {precision}): FAILED: {tail}"
+    from transformers import AutoConfig
+
+    from kto_lite.config import TrainConfig
+    from kto_lite.memory import CUDA_OVERHEAD_BYTES, estimate_memory
+
     rows = read_metrics(out)
+    estimate = estimate_memory(TrainConfig.load(out / "config.yaml"), AutoConfig.from_pretrained(model_dir).to_dict(),
+                               gpu_name=torch.cuda.get_device_name(), processes=processes)
     return (f"- FSDP QLoRA (`--fsdp true`, {processes} process(es), {precision}): 2 steps, losses "
             f"{', '.join(format(r['loss'], '.4f') for r in rows)}, weights per process "
             f"{status['timing'].get('fsdp_weights_per_process')}, peak {max(r['peak_memory_mb'] for r in rows):,.0f} "
-            f"MiB on the main GPU.")
+            f"MiB on the main GPU (`estimate --fsdp true --processes {processes}`: "
+            f"{(estimate.total - CUDA_OVERHEAD_BYTES) / 2**20:,.0f} MiB without the CUDA context).")
 
 
 def table(results: list[dict]) -> list[str]:

@@ -195,9 +195,6 @@ class TrainConfig:
             raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
         if self.reference == "init_adapter" and not self.init_adapter:
             raise ConfigError("reference: 'init_adapter' needs init_adapter (the adapter to start from)")
-        if self.fsdp and self.resume_from_checkpoint:
-            raise ConfigError("fsdp: resuming is not supported yet (an FSDP run saves its adapter at the end or on "
-                              "stop, not its sharded optimizer state); start the run again")
         if self.fsdp and self.optimizer not in ("auto", "adamw_torch"):
             raise ConfigError(f"fsdp: optimizer {self.optimizer} cannot step sharded weights; use adamw_torch "
                               "(FSDP already splits the optimizer state across the GPUs)")

@@ -51,6 +51,9 @@ KNOWN_MODELS: dict[str, dict] = {
     "Qwen/Qwen2.5-7B-Instruct": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
         tie_word_embeddings=False),
+    "Qwen/Qwen2.5-32B-Instruct": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=64,
+        num_attention_heads=40, num_key_value_heads=8, intermediate_size=27648, vocab_size=152064,
+        tie_word_embeddings=False),
     "meta-llama/Llama-3.2-1B-Instruct": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192,
         vocab_size=128256, tie_word_embeddings=True),
@@ -59,6 +62,9 @@ KNOWN_MODELS: dict[str, dict] = {
         vocab_size=128256, tie_word_embeddings=True),
     "meta-llama/Llama-3.1-8B-Instruct": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
+        vocab_size=128256, tie_word_embeddings=False),
+    "meta-llama/Llama-3.1-70B-Instruct": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, intermediate_size=28672,
         vocab_size=128256, tie_word_embeddings=False),
     "mistralai/Mistral-7B-Instruct-v0.3": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
@@ -248,6 +254,7 @@ class MemoryEstimate:
     kl_pass: int  # transient: the no-grad policy forward on the KL (mismatched) batch
     reference_pass: int  # transient: no-grad reference forward; 0 when reference log-probs are precomputed
     overhead: int  # CUDA context + allocator, and one dequantized weight matrix
+    fsdp_gathered: int = 0  # FSDP: whole copies of the weights being computed with, on top of this process's shards
     precompute: int = 0  # before training: the no-grad reference pass over the data, in bigger batches
     description: dict = field(default_factory=dict)  # settings the numbers depend on, for format()
 
@@ -257,13 +264,13 @@ class MemoryEstimate:
 
     @property
     def training_peak(self) -> int:
-        static = self.weights + self.lora_weights + self.gradients + self.optimizer_state + self.overhead
-        return static + self.activations + self.transient
+        static = self.weights + self.fsdp_gathered + self.lora_weights + self.gradients + self.optimizer_state
+        return static + self.overhead + self.activations + self.transient
 
     @property
     def precompute_peak(self) -> int:
         """Reference precompute, before the first step: no activations, gradients or optimizer state yet."""
-        return self.weights + self.lora_weights + self.overhead + self.precompute
+        return self.weights + self.fsdp_gathered + self.lora_weights + self.overhead + self.precompute
 
     @property
     def total(self) -> int:
@@ -281,13 +288,16 @@ class MemoryEstimate:
         d = self.description
         transient = self.transient
         lines = [
-            f"Estimated peak memory: {d['model']}",
+            f"Estimated peak memory{' per process' if d['processes'] > 1 else ''}: {d['model']}",
             f"  {d['quantization']}, {d['compute_dtype']} compute, batch {d['batch_size']} x {d['max_length']} "
             f"tokens, gradient checkpointing {'on' if d['gradient_checkpointing'] else 'off'}",
         ]
+        sharded = f"; sharded over {d['processes']} processes" if d["processes"] > 1 else ""
         rows = [
-            (f"weights ({d['quantization']}; embeddings/head {d['compute_dtype']})", self.weights),
-            (f"LoRA weights (fp32, r={d['lora_r']}, {d['lora_params']:,} params)", self.lora_weights),
+            (f"weights ({d['quantization']}; embeddings/head {d['compute_dtype']}{sharded})", self.weights),
+            *([("FSDP: embeddings, head and 2 decoder layers gathered whole", self.fsdp_gathered)] if sharded else []),
+            (f"LoRA weights (fp32, r={d['lora_r']}, {d['lora_params']:,} params{sharded and ', sharded'})",
+             self.lora_weights),
             ("LoRA gradients (fp32)", self.gradients),
             (f"optimizer state ({d['optimizer']})", self.optimizer_state),
             (f"activations saved for backward ({'checkpointed' if d['gradient_checkpointing'] else 'all layers'})",
@@ -412,7 +422,7 @@ def _nograd_peak(shape: ModelShape, batch: int, seq: int, d: int, rows: int) -> 
 
 def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig | None = None, *,
                     gpu_name: str | None = None, device: str = "cuda", compute_dtype: str | None = None,
-                    autocast: bool | None = None) -> MemoryEstimate:
+                    autocast: bool | None = None, processes: int = 1) -> MemoryEstimate:
     """Peak memory of training `config`, from the model's config.json (dict, PretrainedConfig, or looked up).
 
     device="cuda" is what train.py does on a GPU: bf16 compute (fp16 when `gpu_name` names a GPU
@@ -420,6 +430,12 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     for optimizer "auto", and a fixed CUDA overhead. device="cpu" is the CPU run the tests measure:
     fp32, no autocast, AdamW. `compute_dtype` ("float32", "bfloat16", "float16") and `autocast`
     override the device's choice; the tests use them to check the GPU formulas on CPU.
+
+    processes: with `fsdp: true`, the processes (GPUs) of the launch; the estimate is then one process's:
+    every weight, LoRA weight, gradient and optimizer state split across them (bitsandbytes' quantization
+    constants stay whole in each), plus whole copies of what is being computed with -- the root's weights
+    (embeddings, head, final norm: gathered for the whole step) and two decoder layers (the one computing
+    and the next, prefetched). Activations are each process's own batch, as without FSDP.
     """
     config = config.resolved()  # derived fields (max_prompt_length, lora_alpha) from what was set
     if model_config is None:
@@ -452,6 +468,14 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     lora_weights = 4 * sum(lora_sizes)
     optimizer = _optimizer(config, device)
     optimizer_state = _optimizer_bytes(lora_sizes, optimizer)
+    shards = processes if config.fsdp else 1
+    fsdp_gathered = 0
+    if shards > 1:  # train.shard: each decoder layer one FSDP unit, the rest the root
+        root = (1 if shape.tied else 2) * V * H * d + d * H
+        fsdp_gathered = root + 2 * (weights - root) // L
+        constants = L * sum(_quantized_bytes(n) - (n + 1) // 2 for n in linear_sizes) if config.load_in_4bit else 0
+        weights = (weights - constants) // shards + constants
+        lora_weights, optimizer_state = lora_weights // shards, optimizer_state // shards
 
     # --- activations saved by the policy forward (B x T tokens)
     layer = tokens * _layer_saved_per_token(
@@ -489,11 +513,13 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
         weights=weights, lora_weights=lora_weights, gradients=lora_weights, optimizer_state=optimizer_state,
         activations=int(activations), recompute=int(recompute), logprob_chunks=logprob_chunks,
         kl_pass=int(kl_pass), reference_pass=int(reference_pass), overhead=overhead, precompute=int(precompute),
+        fsdp_gathered=int(fsdp_gathered),
         description=dict(
             model=config.model or "demo model", quantization="4-bit NF4" if config.load_in_4bit else "unquantized",
             compute_dtype=compute_dtype, device=device, batch_size=B, max_length=config.max_length,
             gradient_checkpointing=config.gradient_checkpointing, lora_r=config.lora_r,
             lora_params=sum(lora_sizes), optimizer=optimizer, vocab=V, chunk_rows=rows, reference_batch=ref_batch,
+            processes=shards,
             overhead_label=("CUDA context + allocator, dequantized weight buffer" if device == "cuda"
                             else "dequantized weight buffer"),
         ),
@@ -502,7 +528,8 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
 
 # ---------------------------------------------------------------------- making a run fit
 def fit_plan(config: TrainConfig, budget_gb: float, model_config: dict | PretrainedConfig | None = None, *,
-             gpu_name: str | None = None, device: str = "cuda") -> list[tuple[str, dict, MemoryEstimate]]:
+             gpu_name: str | None = None, device: str = "cuda", processes: int = 1
+             ) -> list[tuple[str, dict, MemoryEstimate]]:
     """Changes, applied one after another, until the run fits `budget_gb` GiB.
 
     Returns [(what changed, overrides so far, estimate after it)]; [] when it already fits. The
@@ -517,7 +544,7 @@ def fit_plan(config: TrainConfig, budget_gb: float, model_config: dict | Pretrai
     plan = []
 
     def estimate(cfg):
-        return estimate_memory(cfg, model_config, gpu_name=gpu_name, device=device)
+        return estimate_memory(cfg, model_config, gpu_name=gpu_name, device=device, processes=processes)
 
     def candidates(cfg: TrainConfig):
         if not cfg.load_in_4bit:
@@ -564,9 +591,9 @@ def _shorter(cfg: TrainConfig, length: int) -> tuple[str, dict]:
 
 
 def suggest_fit(config: TrainConfig, budget_gb: float, model_config: dict | PretrainedConfig | None = None, *,
-                gpu_name: str | None = None, device: str = "cuda") -> list[str]:
+                gpu_name: str | None = None, device: str = "cuda", processes: int = 1) -> list[str]:
     """Readable suggestions that make the run fit in `budget_gb` GiB, each with the estimate after it."""
-    plan = fit_plan(config, budget_gb, model_config, gpu_name=gpu_name, device=device)
+    plan = fit_plan(config, budget_gb, model_config, gpu_name=gpu_name, device=device, processes=processes)
     lines = [f"{text}: {format_bytes(est.total)}" for text, _, est in plan]
     if plan and not plan[-1][2].fits(budget_gb):
         lines.append(f"still does not fit in {budget_gb:g} GiB: use a smaller model or a GPU with more memory")
@@ -595,7 +622,8 @@ def estimate_hours(config: TrainConfig, model_config: dict | PretrainedConfig | 
 
 # ---------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kto_lite estimate [CONFIG.yaml] [--FIELD VALUE ...] [--gpu_memory GiB] [--gpu NAME] [--device cpu]`.
+    """`python -m kto_lite estimate [CONFIG.yaml] [--FIELD VALUE ...] [--gpu_memory GiB] [--gpu NAME] [--device cpu]
+    [--processes N]`.
 
     Prints the breakdown; with a budget (--gpu_memory, or a known --gpu) also whether it fits and what
     to change. Exit status: 0 fits (or no budget given), 1 does not fit, 2 bad config or model.
@@ -607,18 +635,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_flag("gpu_memory", type=float, help="GPU memory budget in GiB, e.g. 12")
     parser.add_flag("gpu", help="GPU name, e.g. 'T4' or 'RTX 4090': fp16 vs bf16, and its memory as budget")
     parser.add_flag("device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_flag("processes", type=int, default=1,
+                    help="with --fsdp true: the GPUs of the launch (torchrun --nproc_per_node N); memory per GPU")
     parser.add_flag("json", action="store_true", help="print the breakdown as JSON")
     parser.add_config_fields()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
         config = TrainConfig.load(args.config, cli.config_overrides(args)).resolved()
+        if config.fsdp and args.processes < 2:
+            raise cli.UsageError("fsdp: true shards the run across the processes of a launch: give --processes N, "
+                                 "the GPUs it runs on (torchrun --nproc_per_node N)")
+        if args.processes > 1 and not config.fsdp:
+            raise cli.UsageError(f"--processes {args.processes} changes nothing without --fsdp true: each process "
+                                 "of a DDP launch holds the whole model (this estimate is per GPU)")
         gpu = find_gpu(args.gpu)
         budget = args.gpu_memory or (gpu.vram_gib if gpu else None)
         if args.gpu and not gpu and not args.gpu_memory:
             print(f"note: unknown GPU {args.gpu!r} (known: {', '.join(GPUS)}); give --gpu_memory GiB", file=sys.stderr)
         try:
-            result = estimate_memory(config, gpu_name=args.gpu, device=args.device)
+            result = estimate_memory(config, gpu_name=args.gpu, device=args.device, processes=args.processes)
         except MemoryEstimateError as e:
             raise cli.UsageError(str(e)) from e
         if args.json:
@@ -627,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             print(result.format(budget))
         if budget is None or result.fits(budget):
             return 0
-        for line in suggest_fit(config, budget, gpu_name=args.gpu, device=args.device):
+        for line in suggest_fit(config, budget, gpu_name=args.gpu, device=args.device, processes=args.processes):
             print(f"  - {line}")
         return 1
 

@@ -74,14 +74,14 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
     """
     out = Path(config.output_dir)
     resume = config.resume_from_checkpoint
-    if resume not in (False, None, "") and resume is not True:
-        ckpt = Path(resume)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a kto_lite checkpoint folder")
-        return ckpt
+    folder = Path(resume) if resume not in (False, None, "") and resume is not True else None
+    if folder is not None and not (folder / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint: {folder} is not a kto_lite checkpoint folder")
     status = read_status(out)
     if status and status.get("status") == "running" and pid_alive(status.get("pid")):
         raise ConfigError(f"output_dir {out} has a run in progress (pid {status.get('pid')}); stop it first")
+    if folder is not None and folder.resolve().parent.parent == out.resolve():
+        return folder  # one of this run's own checkpoints: continue the run
     if resume is True:
         found = checkpoints(out)
         if not found:
@@ -102,7 +102,7 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
             shutil.move(str(out), str(aside))
             print(f"moved the previous run to {aside}")
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    return folder  # another run's checkpoint continues in a new output_dir (its metrics start after its step)
 
 
 def _replaceable(out: Path) -> bool:
@@ -136,15 +136,23 @@ class RunDir:
             rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
             _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    def save_checkpoint(self, step: int, model, optimizer, scheduler, accelerator, config: TrainConfig) -> None:
-        """Adapter, optimizer, schedule, loss scaler, RNG and the run's config, under checkpoints/checkpoint-N."""
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, accelerator, config: TrainConfig,
+                        whole: dict | None = None) -> None:
+        """Adapter, optimizer, schedule, loss scaler, RNG and the run's config, under checkpoints/checkpoint-N.
+
+        whole: an FSDP run's adapter and optimizer state gathered from the shards (train.gathered_training_state);
+        the adapter is also kept by parameter name, so that each process can take its shards back."""
         if not self.main:
             return
         folder = self.path / "checkpoints" / f"checkpoint-{step}"
-        model.save_pretrained(folder, selected_adapters=["default"])  # adapter weights only: the base never changes
+        adapter = whole["adapter"] if whole else None
+        model.save_pretrained(folder, selected_adapters=["default"], state_dict=adapter)  # never the base: it is fixed
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler,
-                    "rng": _rng_state()}, folder / "training_state.pt")
+        state = {"optimizer": whole["optimizer"] if whole else optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler, "rng": _rng_state()}
+        if whole:
+            state["adapter"] = adapter
+        torch.save(state, folder / "training_state.pt")
         config.save(folder / "config.yaml")
         (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
         for old in checkpoints(self.path)[: -config.save_total_limit]:
@@ -171,12 +179,19 @@ def check_resumable(folder: Path, config: TrainConfig) -> None:
                           + "; ".join(changed) + ". Resume with the run's own config.yaml, or start a new run.")
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, config: TrainConfig) -> int:
-    """Restore adapter weights, optimizer, schedule, loss scaler and RNG from a checkpoint; returns its step."""
+def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, config: TrainConfig,
+                    load_whole=None) -> int:
+    """Restore adapter weights, optimizer, schedule, loss scaler and RNG from a checkpoint; returns its step.
+
+    load_whole(state): how an FSDP run (config.fsdp; check_resumable keeps it the checkpoint's) shards the
+    whole adapter and optimizer state back (train.load_gathered_training_state)."""
     check_resumable(folder, config)
-    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
     state = torch.load(folder / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if config.fsdp:
+        load_whole(state)
+    else:
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])

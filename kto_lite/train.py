@@ -395,7 +395,9 @@ class Recipe:
         reference_seconds = time.perf_counter() - started
         start = 0
         if resume_from is not None:
-            start = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.accelerator, cfg)
+            start = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.accelerator, cfg,
+                                    load_whole=lambda state: load_gathered_training_state(self.model, self.optimizer,
+                                                                                          state))
             run.truncate_metrics(after_step=start)
             self.accelerator.print(f"resuming from {resume_from} at step {start}")
         total = len(self.steps)
@@ -447,10 +449,10 @@ class Recipe:
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, step: int) -> None:
-        if self.config.fsdp:  # the sharded optimizer state is not saved yet: FSDP runs save the adapter in finish
-            return
         self.accelerator.wait_for_everyone()
-        self.run.save_checkpoint(step, self.model, self.optimizer, self.scheduler, self.accelerator, self.config)
+        whole = gathered_training_state(self.model, self.optimizer) if self.config.fsdp else None  # every process
+        self.run.save_checkpoint(step, self.model, self.optimizer, self.scheduler, self.accelerator, self.config,
+                                 whole=whole)
 
     def finish(self, state: str, step: int, started: float, reference_seconds: float, tokens: int) -> dict:
         self.accelerator.wait_for_everyone()
@@ -614,6 +616,25 @@ def gathered_adapter(model) -> dict[str, torch.Tensor]:
     """The trained adapter's weights, whole, from their FSDP shards (a collective: every process calls it)."""
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
             for name, p in model.named_parameters() if "lora_" in name and ".default." in name}
+
+
+def gathered_training_state(model, optimizer) -> dict:
+    """{"adapter", "optimizer"}: the trained weights by parameter name and their optimizer state, whole, from
+    the FSDP shards, for a checkpoint (a collective: every process calls it; only the main one gets the
+    optimizer state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"adapter": gathered_adapter(model), "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def load_gathered_training_state(model, optimizer, state: dict) -> None:
+    """The inverse of `gathered_training_state` on a sharded model: each process keeps its shards of the whole
+    tensors (every process reads the checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["adapter"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def make_optimizer(model, config: TrainConfig):

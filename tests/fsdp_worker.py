@@ -2,8 +2,8 @@
 
 The QLoRA model exactly as FSDP needs it: 4-bit weights stored in the compute dtype
 (bnb_4bit_quant_storage), every decoder layer and then the whole policy sharded with torch's
-fully_shard. Prints one JSON line per process: log-probs and LoRA gradients (norms) before and after
-sharding, for padded and packed rows.
+fully_shard. Writes one JSON file per process: log-probs and LoRA gradients (norms) before and after
+sharding, for padded and packed rows, and the bytes the process holds once sharded.
 """
 
 import json
@@ -58,10 +58,34 @@ def main(path: str, out_dir: str) -> None:
     fully_shard(policy)
     local_after = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
     after = {name: step(rows) for name, rows in layouts.items()}
-    result = {"rank": dist.get_rank(), "before": before, "after": after, "local_params": [local_before, local_after]}
+    result = {"rank": dist.get_rank(), "before": before, "after": after, "local_params": [local_before, local_after],
+              "bytes": held_bytes(policy, layouts["packed"])}
     # one file per process: two processes printing to one pipe can interleave their lines
     (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def held_bytes(policy, rows) -> dict:
+    """What this process holds between steps, in bytes (for memory.estimate_memory's FSDP figures): its shards
+    of the weights with bitsandbytes' quantization constants (whole in every process), of the LoRA weights,
+    and of AdamW's state after one step."""
+    def local(p):
+        t = p.to_local() if hasattr(p, "to_local") else p
+        return t.untyped_storage().nbytes()
+
+    constants = 0
+    for module in policy.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None:
+            tensors = (state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code)
+            constants += sum(t.untyped_storage().nbytes() for t in tensors)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    policy(rows).sum().backward()
+    optimizer.step()
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"weights": sum(local(p) for p in policy.parameters() if not p.requires_grad) + constants,
+            "lora_weights": sum(local(p) for p in trainable), "optimizer_state": sum(local(v) for v in state)}
 
 
 if __name__ == "__main__":

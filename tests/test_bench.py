@@ -36,6 +36,7 @@ def test_smoke_preset_prints_the_table(bench, tmp_path, capsys):
     assert "| TRL KTOTrainer (defaults) | " in table and "| 1.00x |" in table  # the ratio baseline
     assert "KTO step / kto_lite's SFT step" in table and "Targets (wall time):" in table
     assert "KL rows, padded positions / real tokens" in table and "Reference passes of" in table
+    assert "- Ceiling: a KTO run does at least" in table  # kto_lite, sft_head and trl all ran
     # step 1: policy == reference on every side, so every KTO loss is 0.5
     line = next(line for line in table.splitlines() if line.startswith("- Step-1 losses"))
     losses = dict(item.split() for item in line.split("): ")[1].rstrip(".").split(", "))

@@ -2,7 +2,8 @@
 
 The sharding the trainer does under `fsdp: true` (train.shard: torch's own FSDP, fully_shard, on gloo
 here), checked piece by piece: 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage), each
-decoder layer and the policy sharded, padded and packed rows. The whole training run under torchrun is
+decoder layer and the policy sharded, padded and packed rows; and what each process then holds against
+`estimate --fsdp true --processes 2`. The whole training run under torchrun is
 tests/test_train.py::test_fsdp_trains_what_ddp_trains.
 """
 
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import make_model_dir
+
+from kto_lite.config import TrainConfig
+from kto_lite.memory import estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,3 +42,12 @@ def test_two_process_qlora_shards_equal_one_process(tmp_path):
                 assert norm > 0 and after_grads[name] == pytest.approx(norm, rel=1e-4), (layout, name)
         local_before, local_after = result["local_params"]
         assert local_after < 0.6 * local_before  # each process holds about half of the (4-bit) weights
+    # what `python -m kto_lite estimate --fsdp true --processes 2` says one process holds, within 3%
+    config = TrainConfig(model=str(path), lora_r=4, lora_alpha=8, fsdp=True, optimizer="adamw_torch")
+    predicted = estimate_memory(config, device="cpu", processes=2)
+    alone = estimate_memory(config, device="cpu", processes=1)
+    for key in ("weights", "lora_weights", "optimizer_state"):
+        measured = [result["bytes"][key] for result in lines]
+        assert all(abs(m - getattr(predicted, key)) <= 0.03 * m for m in measured), (key, measured, predicted)
+        assert getattr(predicted, key) < 0.6 * getattr(alone, key)
+    assert predicted.fsdp_gathered > 0 and alone.fsdp_gathered == 0

@@ -331,8 +331,9 @@ def test_no_grad_pass_peak(tmp_path, arch, mode, monkeypatch):
 # ---------------------------------------------------------------------- arithmetic and API
 @pytest.mark.parametrize("name,billions", [
     ("Qwen/Qwen2.5-0.5B-Instruct", 0.49), ("Qwen/Qwen2.5-1.5B-Instruct", 1.54), ("Qwen/Qwen2.5-7B-Instruct", 7.62),
-    ("meta-llama/Llama-3.2-1B-Instruct", 1.24), ("meta-llama/Llama-3.2-3B-Instruct", 3.21),
-    ("meta-llama/Llama-3.1-8B-Instruct", 8.03), ("mistralai/Mistral-7B-Instruct-v0.3", 7.25),
+    ("Qwen/Qwen2.5-32B-Instruct", 32.76), ("meta-llama/Llama-3.2-1B-Instruct", 1.24),
+    ("meta-llama/Llama-3.2-3B-Instruct", 3.21), ("meta-llama/Llama-3.1-8B-Instruct", 8.03),
+    ("meta-llama/Llama-3.1-70B-Instruct", 70.55), ("mistralai/Mistral-7B-Instruct-v0.3", 7.25),
     ("google/gemma-2-2b-it", 2.61),
 ])
 def test_builtin_shapes_match_published_parameter_counts(name, billions):
@@ -431,3 +432,19 @@ def test_cli(tmp_path, capsys):
     assert main([str(path), "--json"]) == 0
     assert '"total"' in capsys.readouterr().out
     assert estimate_memory(TrainConfig.load(path)).total < 24 * GIB
+
+
+def test_cli_fsdp_is_per_process(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: Qwen/Qwen2.5-32B-Instruct\nfsdp: true\nbatch_size: 4\nmax_length: 1024\n")
+    assert main([str(path)]) == 2  # how many processes share it is not in the config
+    assert "--processes N" in capsys.readouterr().err
+    assert main(["--model", "meta-llama/Llama-3.1-8B-Instruct", "--processes", "2"]) == 2
+    assert "without --fsdp true" in capsys.readouterr().err
+    assert main([str(path), "--processes", "2", "--gpu", "RTX 4090"]) == 0  # two 24 GB GPUs train it
+    out = capsys.readouterr().out
+    assert "per process" in out and "sharded over 2 processes" in out and "fits in" in out
+    one, two = (estimate_memory(TrainConfig.load(path), processes=n) for n in (1, 2))
+    assert not one.fits(23.6) and two.fits(23.6)  # where one does not
+    assert two.weights + two.fsdp_gathered < 0.75 * one.weights  # its shards plus what it gathers
+    assert two.activations == one.activations  # each process its own batch

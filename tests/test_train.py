@@ -193,6 +193,27 @@ def test_stop_then_resume_matches_uninterrupted(workdir, monkeypatch):
     assert read_status(stopped)["status"] == "finished"
 
 
+def test_resume_from_another_runs_checkpoint_into_a_new_output_dir(workdir):
+    """An explicit checkpoint folder of another run starts a new output_dir (created) and never writes over a run
+    that is there; one of output_dir's own checkpoints continues that run."""
+    ckpt = workdir / "ckpt_source" / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    fresh = config(workdir, "ckpt_new", resume_from_checkpoint=str(ckpt)).resolved()
+    assert prepare_output_dir(fresh) == ckpt and (workdir / "ckpt_new").is_dir()
+    (workdir / "ckpt_taken").mkdir()
+    (workdir / "ckpt_taken" / "status.json").write_text(json.dumps({"status": "finished", "pid": 1}))
+    (workdir / "ckpt_taken" / "adapter_model.safetensors").write_text("an earlier run")
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        prepare_output_dir(config(workdir, "ckpt_taken", resume_from_checkpoint=str(ckpt)).resolved())
+    assert (workdir / "ckpt_taken" / "adapter_model.safetensors").read_text() == "an earlier run"
+    (workdir / "ckpt_source" / "status.json").write_text(json.dumps({"status": "stopped", "pid": 1}))
+    own = config(workdir, "ckpt_source", resume_from_checkpoint=str(ckpt)).resolved()
+    assert prepare_output_dir(own) == ckpt
+    with pytest.raises(ConfigError, match="not a kto_lite checkpoint"):
+        prepare_output_dir(config(workdir, "ckpt_none", resume_from_checkpoint=str(workdir / "model")).resolved())
+
+
 def _cli(workdir, name, *extra):
     return [sys.executable, "-m", "kto_lite", "train", "--model", str(workdir / "model"),
             "--data", str(workdir / "train.jsonl"), "--output_dir", str(workdir / name), "--batch_size", "4",
@@ -247,28 +268,37 @@ def test_two_process_cpu_run(workdir):
 
 def test_fsdp_trains_what_ddp_trains(workdir):
     """fsdp: true under torchrun (2 CPU processes, gloo): the 4-bit base, LoRA weights, gradients and optimizer
-    state sharded with fully_shard; the same losses, margins and adapter as the same launch with DDP."""
+    state sharded with fully_shard; the same losses, margins and adapter as the same launch with DDP. Its
+    checkpoints hold the whole adapter and optimizer state: resumed from step 2, step 3 is the same again."""
     from safetensors.torch import load_file
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     runs = {}
-    for name, port, extra in (("ddp2", "29533", ()), ("fsdp2", "29534", ("--fsdp", "true"))):
+    launches = (("ddp2", "29533", ()), ("fsdp2", "29534", ("--fsdp", "true")),
+                ("fsdp2_resumed", "29535", ("--fsdp", "true", "--resume_from_checkpoint",
+                                            str(workdir / "fsdp2" / "checkpoints" / "checkpoint-2"))))
+    for name, port, extra in launches:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                *_cli(workdir, name, "--max_steps", "3", "--gradient_accumulation_steps", "2", "--lora_dropout", "0",
-                     "--eval_data", str(workdir / "heldout.jsonl"), "--eval_steps", "3", *extra)[1:]]
+                     "--eval_data", str(workdir / "heldout.jsonl"), "--eval_steps", "3", "--save_steps", "2",
+                     *extra)[1:]]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         runs[name] = read_metrics(workdir / name)
     assert [r["step"] for r in runs["fsdp2"]] == [1, 2, 3]
-    for sharded, replicated in zip(runs["fsdp2"], runs["ddp2"]):
-        for key in ("loss", "kl", "rewards/margins", "grad_norm", "count/chosen"):
-            assert sharded[key] == pytest.approx(replicated[key], rel=1e-3, abs=1e-5), key
-    assert runs["fsdp2"][-1]["eval_loss"] == pytest.approx(runs["ddp2"][-1]["eval_loss"], rel=1e-3)
-    adapters = [load_file(workdir / name / "adapter_model.safetensors") for name in ("fsdp2", "ddp2")]
-    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
-    for key, value in adapters[0].items():
-        torch.testing.assert_close(value, adapters[1][key], rtol=1e-3, atol=1e-5)
-    assert not (workdir / "fsdp2" / "checkpoints").exists()  # no resumable checkpoint yet (docs/multi_gpu.md)
+    assert [r["step"] for r in runs["fsdp2_resumed"]] == [3]
+    for other in ("ddp2", "fsdp2_resumed"):
+        for sharded, replicated in zip(runs["fsdp2"][::-1], runs[other][::-1]):  # from the last step back
+            for key in ("loss", "kl", "rewards/margins", "grad_norm", "count/chosen"):
+                assert sharded[key] == pytest.approx(replicated[key], rel=1e-3, abs=1e-5), (other, key)
+        assert runs["fsdp2"][-1]["eval_loss"] == pytest.approx(runs[other][-1]["eval_loss"], rel=1e-3)
+        adapters = [load_file(workdir / name / "adapter_model.safetensors") for name in ("fsdp2", other)]
+        assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
+        for key, value in adapters[0].items():
+            torch.testing.assert_close(value, adapters[1][key], rtol=1e-3, atol=1e-5)
+    checkpoint = load_file(workdir / "fsdp2" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    assert checkpoint.keys() == adapters[0].keys()  # a whole adapter, like any run's (not one process's shards)
+    assert not any(torch.equal(checkpoint[k], adapters[0][k]) for k in checkpoint if "lora_B" in k)  # step 2's
     status = read_status(workdir / "fsdp2")
     assert status["status"] == "finished"
     assert 0.45 < status["timing"]["fsdp_weights_per_process"] < 0.55  # each process holds half the weights
