@@ -149,7 +149,8 @@ class TrainConfig:
     save_steps: int = _f(100, "Save a resumable checkpoint every this many optimizer steps (0: only at the end).")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints in output_dir/checkpoints.")
     resume_from_checkpoint: bool | str = _f(
-        False, "true: resume from the latest checkpoint in output_dir; or a checkpoint folder."
+        False, "true: resume from the latest checkpoint in output_dir; or a checkpoint folder (another run's "
+        "continues in output_dir, which must be new)."
     )
     overwrite_output_dir: bool = _f(False, "Allow replacing a finished run in output_dir (off: refuse).")
     report_to: str = _f("none", "Also log metrics to 'tensorboard' or 'wandb' (accelerate's trackers).",

@@ -69,8 +69,10 @@ class OutputHead:
 
     @property
     def frozen_linear(self) -> bool:
-        """A plain, frozen linear layer: the fast path. (LoRA on lm_head, say, goes the generic way.)"""
-        return type(self.module) is torch.nn.Linear and not any(p.requires_grad for p in self.module.parameters())
+        """A plain, frozen linear layer (FSDP's sharded one too): the fast path. (LoRA on lm_head, say, goes the
+        generic way.)"""
+        return (isinstance(self.module, torch.nn.Linear) and type(self.module).forward is torch.nn.Linear.forward
+                and not any(p.requires_grad for p in self.module.parameters()))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) -> (N, V) fp32 logits: the plain computation, for the generic path and the check."""
@@ -85,6 +87,15 @@ class OutputHead:
 
     def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """(M, H) hidden states, (M,) target ids -> (M,) float32 log p(target) (float64 for a float64 head)."""
+        if not (self.frozen_linear and hasattr(self.module, "unshard")):
+            return self._token_logps(hidden, targets, chunk_size)
+        self.module.unshard()  # its own FSDP unit (train.shard): whole only while it computes; backward needs none of it
+        try:
+            return self._token_logps(hidden, targets, chunk_size)
+        finally:
+            self.module.reshard()
+
+    def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
         chunk = chunk_size or self.rows_per_chunk(self.module.weight.dtype)
         if self.frozen_linear:
             return FrozenHeadLogps.apply(hidden, self.module.weight, self.module.bias, targets, self.scale,

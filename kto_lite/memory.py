@@ -295,7 +295,8 @@ class MemoryEstimate:
         sharded = f"; sharded over {d['processes']} processes" if d["processes"] > 1 else ""
         rows = [
             (f"weights ({d['quantization']}; embeddings/head {d['compute_dtype']}{sharded})", self.weights),
-            *([("FSDP: embeddings, head and 2 decoder layers gathered whole", self.fsdp_gathered)] if sharded else []),
+            *([("FSDP: 2 decoder layers and the embeddings or head, gathered whole", self.fsdp_gathered)]
+              if sharded else []),
             (f"LoRA weights (fp32, r={d['lora_r']}, {d['lora_params']:,} params{sharded and ', sharded'})",
              self.lora_weights),
             ("LoRA gradients (fp32)", self.gradients),
@@ -433,9 +434,9 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
 
     processes: with `fsdp: true`, the processes (GPUs) of the launch; the estimate is then one process's:
     every weight, LoRA weight, gradient and optimizer state split across them (bitsandbytes' quantization
-    constants stay whole in each), plus whole copies of what is being computed with -- the root's weights
-    (embeddings, head, final norm: gathered for the whole step) and two decoder layers (the one computing
-    and the next, prefetched). Activations are each process's own batch, as without FSDP.
+    constants stay whole in each), plus whole copies of what is being computed with: two decoder layers
+    (the one computing and the next, prefetched) and the embeddings or the head (each gathered only while
+    it computes; tied ones, one matrix, for the whole step). Activations are each process's own batch.
     """
     config = config.resolved()  # derived fields (max_prompt_length, lora_alpha) from what was set
     if model_config is None:
@@ -470,9 +471,9 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     optimizer_state = _optimizer_bytes(lora_sizes, optimizer)
     shards = processes if config.fsdp else 1
     fsdp_gathered = 0
-    if shards > 1:  # train.shard: each decoder layer one FSDP unit, the rest the root
-        root = (1 if shape.tied else 2) * V * H * d + d * H
-        fsdp_gathered = root + 2 * (weights - root) // L
+    if shards > 1:  # train.shard: each decoder layer one FSDP unit; untied embeddings and head one each
+        outside = (1 if shape.tied else 2) * V * H * d + d * H  # embeddings, head, final norm
+        fsdp_gathered = V * H * d + d * H + 2 * (weights - outside) // L
         constants = L * sum(_quantized_bytes(n) - (n + 1) // 2 for n in linear_sizes) if config.load_in_4bit else 0
         weights = (weights - constants) // shards + constants
         lora_weights, optimizer_state = lora_weights // shards, optimizer_state // shards

@@ -21,6 +21,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -396,8 +397,7 @@ class Recipe:
         start = 0
         if resume_from is not None:
             start = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.accelerator, cfg,
-                                    load_whole=lambda state: load_gathered_training_state(self.model, self.optimizer,
-                                                                                          state))
+                                    load_whole=partial(load_gathered_training_state, self.model, self.optimizer))
             run.truncate_metrics(after_step=start)
             self.accelerator.print(f"resuming from {resume_from} at step {start}")
         total = len(self.steps)
@@ -597,16 +597,24 @@ def summary(output_dir: Path, result: dict) -> str:
 
 def shard(policy: PolicyLogps, model, precision: str) -> float:
     """FSDP (torch's fully_shard, FSDP2): each decoder layer is one unit, gathered for its forward and backward
-    only; the rest (embeddings, final norm, head) belongs to the policy module, the root. The 4-bit weights
-    are stored in the compute dtype (load_base(fsdp=True)); bf16 compute gathers everything in bf16 and
-    reduces gradients in fp32."""
+    only. Untied embeddings and head are a unit each, gathered only while they compute: both are frozen and
+    neither backward needs their weights (head.py saves the head's gradient in forward and gathers the head
+    itself). The rest (final norm; tied embeddings and head) belongs to the policy module, the root. The
+    4-bit weights are stored in the compute dtype (load_base(fsdp=True)); bf16 compute gathers everything
+    in bf16 and reduces gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     options = {}
     if precision == "bf16":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.get_base_model().get_decoder().layers:
+    base = model.get_base_model()
+    for layer in base.get_decoder().layers:
         fully_shard(layer, **options)
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        for module in (embeddings, head):
+            fully_shard(module, **options)
+            module.set_unshard_in_backward(False)
     fully_shard(policy, **options)
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
     return local / sum(p.numel() for p in policy.parameters())  # the share of the weights this process holds

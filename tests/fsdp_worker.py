@@ -1,8 +1,8 @@
 """Worker of tests/test_fsdp.py, one per process (torchrun --nproc_per_node 2, gloo on CPU).
 
 The QLoRA model exactly as FSDP needs it: 4-bit weights stored in the compute dtype
-(bnb_4bit_quant_storage), every decoder layer and then the whole policy sharded with torch's
-fully_shard. Writes one JSON file per process: log-probs and LoRA gradients (norms) before and after
+(bnb_4bit_quant_storage), sharded as the trainer shards it (train.shard: torch's fully_shard on every
+decoder layer, the untied embeddings and head, then the whole policy). Writes one JSON file per process: log-probs and LoRA gradients (norms) before and after
 sharding, for padded and packed rows, and the bytes the process holds once sharded.
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from kto_lite.batching import collate
 from kto_lite.config import TrainConfig
 from kto_lite.logps import PolicyLogps
+from kto_lite.train import shard
 
 
 def main(path: str, out_dir: str) -> None:
@@ -40,8 +41,14 @@ def main(path: str, out_dir: str) -> None:
     weights = torch.tensor([1.0, -2.0])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
+    base = model.get_base_model()
+    whole_in_backward = set()  # weights of the embeddings and the head held unsharded while backward runs
+
     def step(rows):
         values = policy(rows)
+        for name, module in (("embeddings", base.get_input_embeddings()), ("head", base.get_output_embeddings())):
+            if isinstance(module.weight, DTensor) != sharded:
+                whole_in_backward.add(name)
         (values * weights).sum().backward()
         params = dict(policy.named_parameters())
         grads = {}
@@ -51,15 +58,15 @@ def main(path: str, out_dir: str) -> None:
         policy.zero_grad()
         return values.tolist(), grads
 
+    sharded = False
     before = {name: step(rows) for name, rows in layouts.items()}
     local_before = sum(p.numel() for p in policy.parameters())
-    for layer in model.get_base_model().get_decoder().layers:
-        fully_shard(layer)
-    fully_shard(policy)
+    sharded = shard(policy, model, "no") < 1
+    whole_in_backward.clear()
     local_after = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
     after = {name: step(rows) for name, rows in layouts.items()}
     result = {"rank": dist.get_rank(), "before": before, "after": after, "local_params": [local_before, local_after],
-              "bytes": held_bytes(policy, layouts["packed"])}
+              "whole_in_backward": sorted(whole_in_backward), "bytes": held_bytes(policy, layouts["packed"])}
     # one file per process: two processes printing to one pipe can interleave their lines
     (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

@@ -42,6 +42,7 @@ def test_two_process_qlora_shards_equal_one_process(tmp_path):
                 assert norm > 0 and after_grads[name] == pytest.approx(norm, rel=1e-4), (layout, name)
         local_before, local_after = result["local_params"]
         assert local_after < 0.6 * local_before  # each process holds about half of the (4-bit) weights
+        assert result["whole_in_backward"] == []  # embeddings and head gathered only while they compute
     # what `python -m kto_lite estimate --fsdp true --processes 2` says one process holds, within 3%
     config = TrainConfig(model=str(path), lora_r=4, lora_alpha=8, fsdp=True, optimizer="adamw_torch")
     predicted = estimate_memory(config, device="cpu", processes=2)
