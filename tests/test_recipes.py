@@ -47,7 +47,8 @@ def test_recipe_fits_its_tier_and_states_the_current_estimate(path):
     tier, target = float(fields["vram_tier_gb"]), fields["target_gpu"]
     gpu = find_gpu(target)
     budget = min(tier, gpu.vram_gib) if gpu else tier  # e.g. a T4 has 15 of its 16 GB free
-    estimate = estimate_memory(TrainConfig.load(path), gpu_name=target)
+    processes = int(fields.get("processes", 1))  # an FSDP recipe: the memory of each of its GPUs
+    estimate = estimate_memory(TrainConfig.load(path), gpu_name=target, processes=processes)
     assert estimate.total <= MAX_FILL * budget * GIB, f"{estimate.total / GIB:.2f} GiB > {MAX_FILL:.0%} of {budget} GiB"
     stated = float(fields["estimated_peak_gib"].split()[0])
     assert stated == pytest.approx(estimate.total / GIB, abs=0.02), "header out of date: regenerate its estimate"
