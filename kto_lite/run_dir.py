@@ -154,7 +154,7 @@ class RunDir:
             state["adapter"] = adapter
         torch.save(state, folder / "training_state.pt")
         config.save(folder / "config.yaml")
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
         for old in checkpoints(self.path)[: -config.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -186,6 +186,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, conf
     load_whole(state): how an FSDP run (config.fsdp; check_resumable keeps it the checkpoint's) shards the
     whole adapter and optimizer state back (train.load_gathered_training_state)."""
     check_resumable(folder, config)
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    processes = trainer_state.get("processes", accelerator.num_processes)  # older checkpoints: not recorded
+    if processes != accelerator.num_processes:
+        raise ConfigError(f"cannot resume from {folder}: it was written by a launch of {processes} process(es), this "
+                          f"one has {accelerator.num_processes}, and the step plan deals micro-batches to processes. "
+                          f"Resume with {'torchrun --nproc_per_node ' + str(processes) + ' ...' if processes > 1 else 'a single process'}.")
     state = torch.load(folder / "training_state.pt", weights_only=False)
     if config.fsdp:
         load_whole(state)
@@ -196,7 +202,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, conf
     if state.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
-    return json.loads((folder / "trainer_state.json").read_text())["step"]
+    return trainer_state["step"]
 
 
 def _rng_state() -> dict:

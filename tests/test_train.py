@@ -380,6 +380,13 @@ def test_resume_refuses_a_different_config(workdir, monkeypatch):
     with pytest.raises(ConfigError, match=r"beta \(checkpoint: 0.1, now: 0.3\)"):
         train(config(workdir, "resume_check", max_steps=4, beta=0.3, resume_from_checkpoint=True),
               show_progress=False)
+    state_file = workdir / "resume_check" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    assert saved == {"step": 1, "processes": 1}
+    state_file.write_text(json.dumps({**saved, "processes": 2}))  # as a two-process launch writes it
+    with pytest.raises(ConfigError, match="launch of 2 process.*torchrun --nproc_per_node 2"):
+        train(config(workdir, "resume_check", max_steps=4, resume_from_checkpoint=True), show_progress=False)
+    state_file.write_text(json.dumps(saved))
     train(config(workdir, "resume_check", max_steps=4, logging_steps=2, resume_from_checkpoint=True),
           show_progress=False)  # logging is not part of the computation: allowed
     assert read_status(workdir / "resume_check")["status"] == "finished"
