@@ -597,8 +597,8 @@ def summary(output_dir: Path, result: dict) -> str:
 
 def shard(policy: PolicyLogps, model, precision: str) -> float:
     """FSDP (torch's fully_shard, FSDP2): each decoder layer is one unit, gathered for its forward and backward
-    only. Untied embeddings and head are a unit each, gathered only while they compute: both are frozen and
-    neither backward needs their weights (head.py saves the head's gradient in forward and gathers the head
+    only. Untied, frozen embeddings and head are a unit each, gathered only while they compute: neither
+    backward needs their weights (head.py saves the head's gradient in forward and gathers the head
     itself). The rest (final norm; tied embeddings and head) belongs to the policy module, the root. The
     4-bit weights are stored in the compute dtype (load_base(fsdp=True)); bf16 compute gathers everything
     in bf16 and reduces gradients in fp32."""
@@ -608,10 +608,11 @@ def shard(policy: PolicyLogps, model, precision: str) -> float:
     if precision == "bf16":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     base = model.get_base_model()
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    frozen = not any(p.requires_grad for p in embeddings.parameters()) and output_head(model).frozen_linear
     for layer in base.get_decoder().layers:
         fully_shard(layer, **options)
-    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if head is not None and head.weight is not embeddings.weight:
+    if frozen and head.weight is not embeddings.weight:  # (LoRA on either: they stay in the root)
         for module in (embeddings, head):
             fully_shard(module, **options)
             module.set_unshard_in_backward(False)

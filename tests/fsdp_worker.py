@@ -2,8 +2,10 @@
 
 The QLoRA model exactly as FSDP needs it: 4-bit weights stored in the compute dtype
 (bnb_4bit_quant_storage), sharded as the trainer shards it (train.shard: torch's fully_shard on every
-decoder layer, the untied embeddings and head, then the whole policy). Writes one JSON file per process: log-probs and LoRA gradients (norms) before and after
-sharding, for padded and packed rows, and the bytes the process holds once sharded.
+decoder layer, the untied embeddings and head, then the whole policy). Writes one JSON file per
+process: log-probs and LoRA gradients (norms) before and after sharding, for padded and packed rows,
+whether the embeddings or the head stayed whole into backward, and the bytes the process holds once
+sharded.
 """
 
 import json

@@ -2,7 +2,8 @@
 
 The sharding the trainer does under `fsdp: true` (train.shard: torch's own FSDP, fully_shard, on gloo
 here), checked piece by piece: 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage), each
-decoder layer and the policy sharded, padded and packed rows; and what each process then holds against
+decoder layer, the embeddings, the head and the policy sharded, padded and packed rows; the embeddings
+and the head not held whole in backward; and what each process then holds against
 `estimate --fsdp true --processes 2`. The whole training run under torchrun is
 tests/test_train.py::test_fsdp_trains_what_ddp_trains.
 """
