@@ -294,8 +294,10 @@ def _default_of(f):
 def resolve_optimizer(name: str, device: str | None = None, fsdp: bool = False) -> str:
     """The one home of the 'auto' rule: paged 8-bit AdamW on a GPU (less memory), torch's AdamW on CPU and
     under FSDP (bitsandbytes' optimizers cannot step sharded weights; FSDP already splits the state)."""
-    if name != "auto" or fsdp:
-        return "adamw_torch" if name == "auto" else name
+    if name != "auto":
+        return name
+    if fsdp:
+        return "adamw_torch"
     if device is None:
         import torch
 

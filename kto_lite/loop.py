@@ -108,7 +108,7 @@ def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_pr
         return json.loads((folder / "round.json").read_text())
     previous = str(round_dir(config, r - 1)) if r > 1 else config.init_adapter
     reference = _reference(config, args, previous)
-    learning_rate = _learning_rate(config, args, r)
+    learning_rate = round_learning_rate(config, r, args.learning_rate_decay)
     staging = Path(config.output_dir) / f".round-{r}-samples"  # train() wants output_dir to itself
     seconds: dict[str, float] = {}
     if not _trained(folder):
@@ -170,9 +170,9 @@ def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str
                           f"{status.get('step', '?')}; rerun the same command to continue")
 
 
-def _learning_rate(config: TrainConfig, args: LoopArgs, r: int) -> float:
-    """Round r's learning rate: the config's (or its model's default) x learning_rate_decay^(r-1)."""
-    return config.resolved().learning_rate * args.learning_rate_decay ** (r - 1)
+def round_learning_rate(config: TrainConfig, r: int, decay: float = LEARNING_RATE_DECAY) -> float:
+    """Round r's learning rate: the config's (or its model's default) x decay^(r-1). Also the app's next round."""
+    return config.resolved().learning_rate * decay ** (r - 1)
 
 
 def _reference(config: TrainConfig, args: LoopArgs, previous: str | None) -> str:

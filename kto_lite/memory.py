@@ -335,12 +335,17 @@ def format_bytes(n: float) -> str:
 
 
 def _quantized_bytes(n: int) -> int:
-    """One NF4 weight tensor of n values with double quantization, as bitsandbytes stores it."""
+    """One NF4 weight tensor of n values with double quantization, as bitsandbytes stores it: the packed
+    4-bit values and their quantization constants, ~4.127 bits per weight."""
+    return (n + 1) // 2 + _quantization_constants_bytes(n)
+
+
+def _quantization_constants_bytes(n: int) -> int:
+    """uint8 absmax per block + fp32 absmax per 256 blocks + NF4 code (16 fp32) + nested code (256 fp32) +
+    offset (fp32). Not sharded by FSDP: each process keeps them whole."""
     blocks = math.ceil(n / BNB_BLOCKSIZE)
     nested_blocks = math.ceil(blocks / BNB_NESTED_BLOCKSIZE)
-    # packed 4-bit values + uint8 absmax per block + fp32 absmax per 256 blocks + NF4 code (16 fp32)
-    # + nested code (256 fp32) + offset (fp32): ~4.127 bits per weight.
-    return (n + 1) // 2 + blocks + 4 * nested_blocks + 4 * 16 + 4 * 256 + 4
+    return blocks + 4 * nested_blocks + 4 * 16 + 4 * 256 + 4
 
 
 def _adapted(shape: ModelShape, targets: str | list[str]) -> list[tuple[str, int, int]]:
@@ -472,9 +477,9 @@ def estimate_memory(config: TrainConfig, model_config: dict | PretrainedConfig |
     shards = processes if config.fsdp else 1
     fsdp_gathered = 0
     if shards > 1:  # train.shard: each decoder layer one FSDP unit; untied embeddings and head one each
-        outside = (1 if shape.tied else 2) * V * H * d + d * H  # embeddings, head, final norm
-        fsdp_gathered = V * H * d + d * H + 2 * (weights - outside) // L
-        constants = L * sum(_quantized_bytes(n) - (n + 1) // 2 for n in linear_sizes) if config.load_in_4bit else 0
+        not_layers = (1 if shape.tied else 2) * V * H * d + d * H  # embeddings, head, final norm
+        fsdp_gathered = V * H * d + d * H + 2 * (weights - not_layers) // L
+        constants = L * sum(map(_quantization_constants_bytes, linear_sizes)) if config.load_in_4bit else 0
         weights = (weights - constants) // shards + constants
         lora_weights, optimizer_state = lora_weights // shards, optimizer_state // shards
 

@@ -189,9 +189,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, conf
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     processes = trainer_state.get("processes", accelerator.num_processes)  # older checkpoints: not recorded
     if processes != accelerator.num_processes:
+        launch = f"torchrun --nproc_per_node {processes} ..." if processes > 1 else "a single process"
         raise ConfigError(f"cannot resume from {folder}: it was written by a launch of {processes} process(es), this "
                           f"one has {accelerator.num_processes}, and the step plan deals micro-batches to processes. "
-                          f"Resume with {'torchrun --nproc_per_node ' + str(processes) + ' ...' if processes > 1 else 'a single process'}.")
+                          f"Resume with {launch}.")
     state = torch.load(folder / "training_state.pt", weights_only=False)
     if config.fsdp:
         load_whole(state)

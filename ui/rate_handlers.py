@@ -318,10 +318,10 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
     if epochs:
         values["num_epochs"] = float(epochs)
     config = TrainConfig.from_dict(values, source="next round")
-    if previous is not None:  # the run's rate (as set, or its model's default), halved as in the loop
-        from kto_lite.loop import LEARNING_RATE_DECAY
+    if previous is not None:  # the run's rate (as set, or its model's default), decayed as the loop's round 2
+        from kto_lite.loop import round_learning_rate
 
-        config = dataclasses.replace(config, learning_rate=config.resolved().learning_rate * LEARNING_RATE_DECAY)
+        config = dataclasses.replace(config, learning_rate=round_learning_rate(config, 2))
     return config, previous
 
 
