@@ -322,7 +322,7 @@ def keep_4bit_layout_trainable_on_load(allow_repack: bool) -> list[int]:
         bnb_modules._convert_weight_packed_for_cpu = counted
     if not allow_repack:
         import kto_lite.model
-        import kto_lite.train
+        import kto_lite.training.recipe
 
         load_base = kto_lite.model.load_base
 
@@ -331,5 +331,5 @@ def keep_4bit_layout_trainable_on_load(allow_repack: bool) -> list[int]:
             kto_lite.model.keep_4bit_layout_trainable(model)
             return model
 
-        kto_lite.model.load_base = kto_lite.train.load_base = load_base_without_repack
+        kto_lite.model.load_base = kto_lite.training.recipe.load_base = load_base_without_repack
     return count

@@ -7,7 +7,7 @@
 One invocation trains the preset's model on the preset's rows once per side, each side in its own
 subprocess so that peak memories never mix, and prints one table:
 
-- kto_lite:       `kto_lite.train.train(TrainConfig(...))` with a fresh $KTO_LITE_CACHE, so every
+- kto_lite:       `kto_lite.training.recipe.train(TrainConfig(...))` with a fresh $KTO_LITE_CACHE, so every
                   reference pass is paid and counted (read from status.json's "timing" when the
                   trainer writes it; otherwise timed around Trainer.fit / _reference / train_step);
 - kto_pieces:     the same KTO step written out with kto_lite's pieces, as the reworked trainer does
@@ -121,24 +121,24 @@ def train_config(spec: dict, **kw):
 def _reset_after_loading(memory: Memory, clock: Clock) -> None:
     """Reset the memory high-water mark once kto_lite.model.load_base returns (model loaded)."""
     import kto_lite.model
-    import kto_lite.train
+    import kto_lite.training.recipe
 
-    load_base = kto_lite.train.load_base
+    load_base = kto_lite.training.recipe.load_base
 
     def load_then_reset(*a, **kw):
         model = load_base(*a, **kw)
         memory.reset()
         return model
 
-    kto_lite.model.load_base = kto_lite.train.load_base = load_then_reset
+    kto_lite.model.load_base = kto_lite.training.recipe.load_base = load_then_reset
 
 
 def run_kto_lite(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
     cache = Path(spec["workdir"]) / "kto_lite_cache"
     shutil.rmtree(cache, ignore_errors=True)  # fresh: every reference pass is part of the run
     os.environ["KTO_LITE_CACHE"] = str(cache)
-    from kto_lite import train as kto_train
-    from kto_lite.run_dir import read_metrics
+    from kto_lite.runs import read_metrics
+    from kto_lite.training import recipe as kto_train
 
     _reset_after_loading(memory, clock)
     hooked = _time_trainer_internals(kto_train, clock)
@@ -151,7 +151,7 @@ def run_kto_lite(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
         clock.outside, clock.reference = [0.0, 0.0], [timing["reference_seconds"], 0.0]
         clock.tokens, clock.steps = timing["tokens"], spec["total_steps"]
     elif not hooked:
-        raise RuntimeError("kto_lite.train wrote no status.json 'timing' and has no Trainer.fit to time")
+        raise RuntimeError("kto_lite.training.recipe wrote no status.json 'timing' and has no Trainer.fit to time")
     result = {"losses": [row["loss"] for row in read_metrics(out_dir)], "timing_source":
               "status.json" if timing else "hooks"}
     if timing:
@@ -213,11 +213,11 @@ def run_kto_pieces(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
     """The KTO step with kto_lite's pieces: what the reworked trainer runs (see the module docstring)."""
     import torch
 
-    from kto_lite.batching import collate, epoch_batches, kl_partners
-    from kto_lite.logps import completion_logps, supports_packing
-    from kto_lite.loss import kto_loss, z0_estimate
     from kto_lite.model import compute_dtype, no_grad_policy
-    from kto_lite.reference import REFERENCE_BATCH_MULTIPLIER, compute_reference_logps
+    from kto_lite.training.batching import collate, epoch_batches, kl_partners
+    from kto_lite.training.logps import completion_logps, supports_packing
+    from kto_lite.training.loss import kto_loss, z0_estimate
+    from kto_lite.training.reference import REFERENCE_BATCH_MULTIPLIER, compute_reference_logps
 
     config, tokenizer, ex = _examples(spec)
     model = _load(config, memory)
@@ -272,7 +272,7 @@ def _optimizer_step(model, optimizer) -> None:
 
 def kl_padding(ex, config, packed: bool) -> dict:
     """Positions / real tokens of the KL rows of epoch 0's batches: random partners, length-matched, packed."""
-    from kto_lite.batching import epoch_batches, kl_partners
+    from kto_lite.training.batching import epoch_batches, kl_partners
 
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in ex]
     batches = epoch_batches(lengths, [e.label for e in ex], config.batch_size, seed=config.seed, epoch=0)
@@ -339,9 +339,9 @@ def run_sft(side: str, spec: dict, memory: Memory, clock: Clock) -> dict:
     """Supervised fine-tuning on the same examples and batches, same LoRA and optimizer."""
     import torch
 
-    from kto_lite.batching import collate, epoch_batches
-    from kto_lite.logps import completion_logps, supports_packing
     from kto_lite.model import compute_dtype
+    from kto_lite.training.batching import collate, epoch_batches
+    from kto_lite.training.logps import completion_logps, supports_packing
 
     config, tokenizer, ex = _examples(spec)
     model = _load(config, memory)

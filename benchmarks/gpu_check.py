@@ -86,13 +86,13 @@ def check_one(spec: dict) -> dict:
     import torch
 
     import kto_lite.model as kto_model
-    from kto_lite.batching import collate, epoch_batches, kl_partners
     from kto_lite.config import TrainConfig
     from kto_lite.data import load_data, tokenize
-    from kto_lite.logps import completion_logps, supports_packing
-    from kto_lite.loss import kto_loss, z0_estimate
     from kto_lite.memory import CUDA_OVERHEAD_BYTES, estimate_memory
-    from kto_lite.reference import REFERENCE_BATCH_MULTIPLIER, compute_reference_logps
+    from kto_lite.training.batching import collate, epoch_batches, kl_partners
+    from kto_lite.training.logps import completion_logps, supports_packing
+    from kto_lite.training.loss import kto_loss, z0_estimate
+    from kto_lite.training.reference import REFERENCE_BATCH_MULTIPLIER, compute_reference_logps
 
     cuda = spec["device"] == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["precision"]]
@@ -223,7 +223,7 @@ def run_fsdp(model_dir: Path, data: Path, precision: str, workdir: Path) -> str:
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     sys.path.insert(0, str(REPO))
-    from kto_lite.run_dir import read_metrics, read_status
+    from kto_lite.runs import read_metrics, read_status
 
     status = read_status(out) or {}
     if proc.returncode != 0 or status.get("status") != "finished":

@@ -11,7 +11,7 @@ length and different prompt shares, in one invocation, alternating the two layou
     python benchmarks/shared_prompts.py --load-in-4bit --gradient-checkpointing   # as kto_lite trains by default
     python benchmarks/shared_prompts.py --tokens 128 --batch 8 --repeat 5
 
-Shared / separate < 1 means sharing is faster. The trainer's automatic rule (train.SHARE_PROMPT_RATIO)
+Shared / separate < 1 means sharing is faster. The trainer's automatic rule (training/layout.py SHARE_PROMPT_RATIO)
 shares in training when prompts hold more than 1.5 tokens per completion token, 2.4 with gradient
 checkpointing: where this script's two layouts cross (docs/performance.md, section 5).
 """
@@ -31,8 +31,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 def step_seconds(model, layout: str, prompts, completions, kl_completions) -> float:
     """One micro-batch: log-probs of the examples with grad, of the KL rows for z0, and backward."""
-    from kto_lite.batching import collate, collate_shared
-    from kto_lite.logps import completion_logps
+    from kto_lite.training.batching import collate, collate_shared
+    from kto_lite.training.logps import completion_logps
 
     started = time.perf_counter()
     if layout == "shared":
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from real_model import smollm2_dir
 
     from kto_lite.config import TrainConfig
-    from kto_lite.logps import supports_shared_prompts
     from kto_lite.model import add_lora, load_base
+    from kto_lite.training.logps import supports_shared_prompts
 
     path = str(smollm2_dir())
     model = add_lora(load_base(path, load_in_4bit=args.load_in_4bit, precision="no"),

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES, DEMO_SETTINGS
+from kto_lite.errors import ConfigError
+
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -33,10 +36,6 @@ DEFAULT_LEARNING_RATE = 2e-4
 DEFAULT_BETA = 0.1
 DEFAULT_NUM_EPOCHS = 1
 DEFAULT_WARMUP_RATIO = 0.1  # with a decaying schedule; none with "constant"
-
-
-class ConfigError(ValueError):
-    """A config value or key that cannot be used; the message says which and why."""
 
 
 def _f(default, help: str, **kw):
@@ -204,7 +203,6 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with every empty derived field filled from what was set (DESIGN: a default never
         contradicts a value the user gave). The run's config.yaml records these values."""
-        from .demo import DEMO_MODEL_DIR, DEMO_SAMPLES, DEMO_SETTINGS
 
         c = dataclasses.replace(self)  # runs __post_init__ again: still valid
         if c.data is None and c.model is None:

@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from kto_lite.errors import ConfigError
 
 FORMAT = "1"  # part of the cache key: bump when the conversion changes, so old folders are not reused
 SOURCE_FILE = "kto_lite_gguf.json"  # written last into a converted folder: which file it came from
@@ -80,10 +80,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("KTO_LITE_CACHE", Path.home() / ".cache" / "kto_lite")) / "gguf"
 
 
+def _target(gguf: Path) -> Path:
+    """Where the conversion of this very file (path, size, modification time) lives in the cache."""
+    return cache_root() / f"{gguf.stem}-{_key(gguf)}"
+
+
+def converted_config(gguf: Path) -> dict | None:
+    """config.json of the file's conversion when it is in the cache already (None: not converted yet)."""
+    target = _target(gguf.resolve())
+    return json.loads((target / "config.json").read_text()) if (target / SOURCE_FILE).is_file() else None
+
+
 def converted_dir(gguf: Path) -> Path:
     """The transformers folder converted from `gguf`; converts it first if it is not in the cache."""
     gguf = gguf.resolve()
-    target = cache_root() / f"{gguf.stem}-{_key(gguf)}"
+    target = _target(gguf)
     if (target / SOURCE_FILE).is_file():
         return target
     with _lock(target):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from kto_lite.errors import ConfigError
+from kto_lite.runs import run_files
 
 TAGS = ["kto", "lora", "peft", "kto_lite", "alignment"]
 # config.yaml fields worth showing on a card, in this order
@@ -173,8 +174,7 @@ def _api():
 
 
 def upload_plan(run_dir: str | Path, extra: list[str | Path] = ()) -> dict[str, Path]:
-    """path in the repo -> local file: the run's shipped files (export.ZIP_PATTERNS) + extra files / folders."""
-    from .export import run_files
+    """path in the repo -> local file: the run's shipped files (runs.ZIP_PATTERNS) + extra files / folders."""
 
     plan = {p.name: p for p in run_files(Path(run_dir))}
     for item in map(Path, extra):

@@ -20,19 +20,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import TrainConfig, resolve_optimizer
-from .head import bytes_per_logit, chunk_rows  # the output head's (rows, vocab) chunks
-from .reference import REFERENCE_BATCH_MULTIPLIER  # reference precompute batch = this x batch_size
+from kto_lite.config import TrainConfig, resolve_optimizer
+from kto_lite.demo import DEMO_MODEL_DIR
+from kto_lite.errors import ConfigError, MemoryEstimateError
+from kto_lite.files import GIB, MIB, format_bytes
+from kto_lite.gguf_input import converted_config, gguf_source
+from kto_lite.training.head import bytes_per_logit, chunk_rows  # the output head's (rows, vocab) chunks
+from kto_lite.training.reference import (
+    REFERENCE_BATCH_MULTIPLIER,  # reference precompute batch = this x batch_size
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-KIB, MIB, GIB = 1024, 1024**2, 1024**3
 CUDA_OVERHEAD_BYTES = 500 * MIB  # CUDA context (~300-400 MiB) + caching-allocator slack; not in max_memory_allocated
 BNB_BLOCKSIZE = 64  # NF4 block size: one absmax per 64 weights
 BNB_NESTED_BLOCKSIZE = 256  # double quantization: absmax are quantized to 8 bit in blocks of 256
@@ -103,10 +107,6 @@ GPUS: dict[str, GPU] = {
     "A10": GPU(22.0, True, 30),
     "L4": GPU(22.0, True, 25),
 }
-
-
-class MemoryEstimateError(ValueError):
-    """The model's shape cannot be found or is not one the estimator models; the message says why."""
 
 
 def find_gpu(gpu_name: str | None) -> GPU | None:
@@ -180,8 +180,6 @@ class ModelShape:
 def _gguf_config(path: Path) -> dict | None:
     """config of a local GGUF model (a .gguf file, or a folder holding one): its converted folder's
     config.json when it was converted already, else read from the file's metadata (no conversion)."""
-    from .config import ConfigError
-    from .gguf_input import SOURCE_FILE, cache_root, gguf_source
 
     try:
         gguf = gguf_source(str(path))
@@ -189,10 +187,9 @@ def _gguf_config(path: Path) -> dict | None:
         raise MemoryEstimateError(str(e)) from e
     if gguf is None:
         return None
-    converted = [f.parent / "config.json" for f in cache_root().glob(f"{gguf.stem}-*/{SOURCE_FILE}")
-                 if json.loads(f.read_text()).get("gguf") == str(gguf.resolve())]
-    if converted and converted[0].is_file():
-        return json.loads(converted[0].read_text())
+    converted = converted_config(gguf)
+    if converted is not None:
+        return converted
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
@@ -201,10 +198,6 @@ def _gguf_config(path: Path) -> dict | None:
 def load_model_config(model: str | None) -> dict:
     """config.json of `model` (local folder, Hub cache, or the built-in table) without downloading."""
     if model is None:
-        try:
-            from .demo import DEMO_MODEL_DIR
-        except ImportError as e:
-            raise MemoryEstimateError("no model set and the built-in demo model is not available") from e
         model = str(DEMO_MODEL_DIR)
     path = Path(model)
     if path.exists():
@@ -326,12 +319,6 @@ class MemoryEstimate:
             verdict = "fits" if self.fits(budget_gb) else "does NOT fit"
             lines.append(f"  {verdict} in {budget_gb:g} GiB ({100 * self.total / (budget_gb * GIB):.0f}% used)")
         return "\n".join(lines)
-
-
-def format_bytes(n: float) -> str:
-    if n >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    return f"{n / MIB:.0f} MiB" if n >= MIB else f"{n / KIB:.0f} KiB"
 
 
 def _quantized_bytes(n: int) -> int:
@@ -627,54 +614,3 @@ def estimate_hours(config: TrainConfig, model_config: dict | PretrainedConfig | 
 
 
 # ---------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kto_lite estimate [CONFIG.yaml] [--FIELD VALUE ...] [--gpu_memory GiB] [--gpu NAME] [--device cpu]
-    [--processes N]`.
-
-    Prints the breakdown; with a budget (--gpu_memory, or a known --gpu) also whether it fits and what
-    to change. Exit status: 0 fits (or no budget given), 1 does not fit, 2 bad config or model.
-    """
-    from . import cli
-
-    parser = cli.Parser("estimate", main.__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="a YAML file of config fields, as for train")
-    parser.add_flag("gpu_memory", type=float, help="GPU memory budget in GiB, e.g. 12")
-    parser.add_flag("gpu", help="GPU name, e.g. 'T4' or 'RTX 4090': fp16 vs bf16, and its memory as budget")
-    parser.add_flag("device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_flag("processes", type=int, default=1,
-                    help="with --fsdp true: the GPUs of the launch (torchrun --nproc_per_node N); memory per GPU")
-    parser.add_flag("json", action="store_true", help="print the breakdown as JSON")
-    parser.add_config_fields()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    def body() -> int:
-        config = TrainConfig.load(args.config, cli.config_overrides(args)).resolved()
-        if config.fsdp and args.processes < 2:
-            raise cli.UsageError("fsdp: true shards the run across the processes of a launch: give --processes N, "
-                                 "the GPUs it runs on (torchrun --nproc_per_node N)")
-        if args.processes > 1 and not config.fsdp:
-            raise cli.UsageError(f"--processes {args.processes} changes nothing without --fsdp true: each process "
-                                 "of a DDP launch holds the whole model (this estimate is per GPU)")
-        gpu = find_gpu(args.gpu)
-        budget = args.gpu_memory or (gpu.vram_gib if gpu else None)
-        if args.gpu and not gpu and not args.gpu_memory:
-            print(f"note: unknown GPU {args.gpu!r} (known: {', '.join(GPUS)}); give --gpu_memory GiB", file=sys.stderr)
-        try:
-            result = estimate_memory(config, gpu_name=args.gpu, device=args.device, processes=args.processes)
-        except MemoryEstimateError as e:
-            raise cli.UsageError(str(e)) from e
-        if args.json:
-            print(json.dumps(result.to_dict(), indent=2))
-        else:
-            print(result.format(budget))
-        if budget is None or result.fits(budget):
-            return 0
-        for line in suggest_fit(config, budget, gpu_name=args.gpu, device=args.device, processes=args.processes):
-            print(f"  - {line}")
-        return 1
-
-    return cli.run(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

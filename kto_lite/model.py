@@ -15,15 +15,16 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .config import ConfigError, TrainConfig
-from .gguf_input import converted_dir, gguf_source
+from kto_lite.config import TrainConfig
+from kto_lite.demo import DEMO_MODEL_DIR
+from kto_lite.errors import ConfigError
+from kto_lite.gguf_input import converted_dir, gguf_source
 
 
 def resolve_model(name: str | None, *, revision: str | None = None) -> str:
     """What `from_pretrained` should load: a hub id or folder as given; a GGUF model's converted
     folder (converting it once, see gguf_input.py); empty means the built-in demo model."""
     if not name:
-        from .demo import DEMO_MODEL_DIR
 
         return str(DEMO_MODEL_DIR)
     gguf = gguf_source(str(name), revision=revision)
@@ -216,6 +217,31 @@ def has_reference_adapter(model) -> bool:
     return "reference" in getattr(model, "peft_config", {})
 
 
+def base_model(model):
+    """The transformers *ForCausalLM under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode (no dropout) for the block, the model's training mode restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def within_rounding(ours: torch.Tensor, reference: torch.Tensor, *, half: bool) -> bool:
+    """Whether two computations of the same numbers agree up to rounding: |ours - reference| <= tol * (1 + max
+    |reference|), tol 3e-2 when either ran in fp16/bf16, else 1e-4 (a real difference is far larger)."""
+    if ours.shape != reference.shape:
+        return False
+    tolerance = (3e-2 if half else 1e-4) * (1 + reference.abs().max().item())
+    return bool((ours.float() - reference.float()).abs().max() <= tolerance)
+
+
 @contextlib.contextmanager
 def reference_mode(model):
     """Make `model` act as the KTO reference: no grad, eval mode, and the adapters switched off, or, when
@@ -224,29 +250,22 @@ def reference_mode(model):
     Eval mode also switches off LoRA dropout and gradient checkpointing for these passes (a no-grad
     pass has nothing to recompute). Training mode and the trainable adapter are restored on exit.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        if has_reference_adapter(model):
-            model.set_adapter("reference", inference_mode=True)  # also freezes "default" while active
-            with torch.no_grad():
-                yield model
-        else:
-            with model.disable_adapter(), torch.no_grad():
-                yield model
-    finally:
-        if has_reference_adapter(model):
-            model.set_adapter("default", inference_mode=False)  # "default" trainable again, "reference" frozen
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            if has_reference_adapter(model):
+                model.set_adapter("reference", inference_mode=True)  # also freezes "default" while active
+                with torch.no_grad():
+                    yield model
+            else:
+                with model.disable_adapter(), torch.no_grad():
+                    yield model
+        finally:
+            if has_reference_adapter(model):
+                model.set_adapter("default", inference_mode=False)  # "default" trainable again, "reference" frozen
 
 
 @contextlib.contextmanager
 def no_grad_policy(model):
     """The policy (adapters on) in eval mode with no grad: for the KL rows, whose z0 is detached."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield model

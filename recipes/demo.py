@@ -4,7 +4,7 @@
     python recipes/demo.py --quick    # a reduced version, a few minutes on a laptop CPU
     python recipes/demo.py --rounds 2 # two rounds: the second samples and trains from the first's adapter
 
-What a real user does, in four steps, each round (kto_lite.loop, what `python -m kto_lite loop` runs):
+What a real user does, in four steps, each round (kto_lite.feedback.loop, what `python -m kto_lite loop` runs):
 1. sample answers from the model for training questions (recipes/demo_task.py);
 2. label each answer good or bad with a judge: binary feedback only, no preference pairs;
 3. train KTO with kto_lite's default settings (the exceptions are listed in `recipe_config`);
@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from kto_lite.config import TrainConfig  # noqa: E402
 from kto_lite.demo import DEMO_MODEL_DIR  # noqa: E402
-from kto_lite.loop import LoopArgs, run_loop  # noqa: E402
-from kto_lite.sample import SampleArgs  # noqa: E402
+from kto_lite.feedback.loop import LoopArgs, run_loop  # noqa: E402
+from kto_lite.feedback.sample import SampleArgs  # noqa: E402
 
 FULL = dict(train_prompts=1500, samples_per_prompt=4, eval_prompts=800, num_epochs=2)
 QUICK = dict(train_prompts=400, samples_per_prompt=4, eval_prompts=400, num_epochs=2)

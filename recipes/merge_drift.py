@@ -27,9 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from kto_lite.config import TrainConfig  # noqa: E402
 from kto_lite.demo import DEMO_SAMPLES  # noqa: E402
-from kto_lite.merge import drift_rows, load_trained, logprob_drift, merge, token_logps  # noqa: E402
+from kto_lite.export.merge import drift_rows, load_trained, logprob_drift, merge, token_logps  # noqa: E402
 from kto_lite.model import load_tokenizer  # noqa: E402
-from kto_lite.train import train  # noqa: E402
+from kto_lite.training.recipe import train  # noqa: E402
 
 
 def split_rows(n_train: int, n_held: int, folder: Path) -> tuple[Path, Path]:

@@ -17,10 +17,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from kto_lite.batching import collate
 from kto_lite.config import TrainConfig
-from kto_lite.logps import PolicyLogps
-from kto_lite.train import shard
+from kto_lite.training.batching import collate
+from kto_lite.training.fsdp import shard
+from kto_lite.training.logps import PolicyLogps
 
 
 def main(path: str, out_dir: str) -> None:

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from kto_lite.batching import collate, epoch_batches, kl_partners
+from kto_lite.training.batching import collate, epoch_batches, kl_partners
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 101])

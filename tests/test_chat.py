@@ -12,9 +12,9 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import make_model_dir
 from transformers import AutoModelForCausalLM
 
-from kto_lite import chat as chat_module
-from kto_lite.chat import ChatModel, append_feedback, feedback_counts, plain_prompt
+from kto_lite.commands import chat as chat_module
 from kto_lite.data import encode_prompt, load_data
+from kto_lite.feedback.chat import ChatModel, append_feedback, feedback_counts, plain_prompt
 
 QUESTION = [{"role": "user", "content": "what is the red cat ?"}]
 GREEDY = dict(temperature=0, max_new_tokens=20)
@@ -142,7 +142,7 @@ def test_base_model_without_adapter_or_chat_template(tmp_path):
 
 
 def test_sample_gives_the_replies_of_the_sample_command(chat, run, tmp_path):
-    from kto_lite.sample import main as sample_main
+    from kto_lite.commands.sample import main as sample_main
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "how is the dog ?"}) + "\n" + json.dumps({"prompt": QUESTION}) + "\n")

@@ -17,10 +17,10 @@ import pytest
 from chat_templates_data import SPECIALS, TEMPLATES
 from real_model import smollm2_gguf
 
-from kto_lite.chat import ChatModel
 from kto_lite.data import Example, load_data
-from kto_lite.data_read import DataError
-from kto_lite.data_tokenize import encode_prompt, tokenize
+from kto_lite.data.tokenize import encode_prompt, tokenize
+from kto_lite.errors import DataError
+from kto_lite.feedback.chat import ChatModel
 
 SYSTEM = [{"role": "system", "content": "Be brief."}]
 HISTORY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]

@@ -5,9 +5,11 @@ import dataclasses
 import pytest
 import yaml
 
-from kto_lite.__main__ import main, train_config
-from kto_lite.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE, ConfigError, TrainConfig, field_help
+from kto_lite.commands import main
+from kto_lite.commands.train import train_config
+from kto_lite.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE, TrainConfig, field_help
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SETTINGS
+from kto_lite.errors import ConfigError
 
 DESIGN_FIELDS = """model data output_dir load_in_4bit lora_r lora_alpha lora_dropout lora_target_modules beta
 desirable_weight undesirable_weight loss_type learning_rate num_epochs max_steps batch_size
@@ -112,7 +114,7 @@ def test_command_line_errors_exit_2_with_a_did_you_mean(capsys):
 
 def test_every_command_spells_a_field_flag_the_same_way(tmp_path, capsys):
     """`data --max_length 16` works like `train --max_length 16` (issue 11)."""
-    from kto_lite.cli_data import main as data_main
+    from kto_lite.commands.data import main as data_main
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "What is 1 + 1?", "completion": "1 + 1 = 2.", "label": true}\n')

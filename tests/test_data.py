@@ -1,4 +1,4 @@
-"""kto_lite.data: reading every format from every file type, bad input, labels, the report, tokenization."""
+"""kto_lite.data.load: reading every format from every file type, bad input, labels, the report, tokenization."""
 
 import hashlib
 import json
@@ -7,10 +7,8 @@ import re
 import pytest
 from conftest import FILE_TYPES, build_tokenizer, write_rows
 
-from kto_lite.cli_data import main
+from kto_lite.commands.data import main
 from kto_lite.data import (
-    MAX_FIELD_CHARS,
-    DataError,
     DataReport,
     Example,
     complete_weights,
@@ -20,6 +18,8 @@ from kto_lite.data import (
     suggest_weights,
     tokenize,
 )
+from kto_lite.data.load import MAX_FIELD_CHARS
+from kto_lite.errors import DataError
 
 U, A = "user", "assistant"
 

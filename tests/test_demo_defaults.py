@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from kto_lite.batching import collate
 from kto_lite.data import Example, tokenize
 from kto_lite.demo import DEMO_SAMPLES
-from kto_lite.logps import completion_logps
 from kto_lite.model import load_base, load_tokenizer
-from kto_lite.train import train
+from kto_lite.training.batching import collate
+from kto_lite.training.logps import completion_logps
+from kto_lite.training.recipe import train
 from ui import form
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))

@@ -3,7 +3,7 @@
 Sampling is seeded, so an adapter that changed nothing would reproduce the "before" samples exactly:
 any difference comes from training. The margins are far outside what a no-op or sign-flipped trainer
 could produce (measured on this CPU with kto_lite's seeded sampler, 2026-11-30: 0.490 -> 0.640, and
-reversed 0.490 -> 0.092). The recipe runs one round of kto_lite.loop; tests/test_loop.py covers rounds.
+reversed 0.490 -> 0.092). The recipe runs one round of kto_lite.feedback.loop; tests/test_loop.py covers rounds.
 """
 
 import importlib.util

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
-from kto_lite.judges import make_judge
+from kto_lite.feedback.judges import make_judge
+from kto_lite.feedback.sampling import generate_samples
 from kto_lite.model import keep_4bit_layout_trainable
-from kto_lite.sampling import generate_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import demo_task as task  # noqa: E402

@@ -15,8 +15,8 @@ from test_chat import make_adapter_run
 from tiny_models import make_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kto_lite import export
-from kto_lite.export import estimate_merge_memory, load_snippet, merge_adapter, zip_adapter
+from kto_lite.commands import export as export_command
+from kto_lite.export.adapter import estimate_merge_memory, load_snippet, merge_adapter, zip_adapter
 
 RUN_RECORD = ["config.yaml", "metrics.jsonl", "data_report.json", "status.json"]
 
@@ -119,21 +119,21 @@ def test_load_snippets_run(run, base_dir, merged):
 
 
 def test_cli_zip_merge_and_errors(run, tmp_path, capsys):
-    assert export.main(["--adapter", str(run), "--zip", str(tmp_path / "a.zip")]) == 0
+    assert export_command.main(["--adapter", str(run), "--zip", str(tmp_path / "a.zip")]) == 0
     assert zipfile.is_zipfile(tmp_path / "a.zip")
-    assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 0
+    assert export_command.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llama"
     out = capsys.readouterr().out
     assert "of RAM" in out and "AutoModelForCausalLM.from_pretrained" in out and "merge_from quantized" in out
     assert "0.0 GiB" not in out and re.search(r"about \d+ (KiB|MiB) of RAM", out)  # a tiny model: not "0.0 GiB"
     # usage and input errors exit 2 (cli.run)
-    assert export.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 2  # not empty now
-    assert export.main(["--adapter", str(tmp_path / "nothing"), "--zip", str(tmp_path / "b.zip")]) == 2
+    assert export_command.main(["--adapter", str(run), "--merge", str(tmp_path / "m")]) == 2  # not empty now
+    assert export_command.main(["--adapter", str(tmp_path / "nothing"), "--zip", str(tmp_path / "b.zip")]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
-    assert export.main(["--adapter", str(run)]) == 2  # nothing to export chosen
+    assert export_command.main(["--adapter", str(run)]) == 2  # nothing to export chosen
     assert "choose what to export" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        export.main(["--adapter", str(run), "--merge_from", "half"])
+        export_command.main(["--adapter", str(run), "--merge_from", "half"])
     assert e.value.code == 2
 
 
@@ -151,7 +151,7 @@ def test_full_merge_refuses_a_quantized_base(run, base_dir, tmp_path):
 
 def test_quantized_merge_reproduces_the_trained_4bit_model_and_full_drifts(run, tmp_path):
     """The adapter was trained on NF4 weights: adding it to dequant(NF4(W)) gives the trained model back."""
-    from kto_lite.merge import load_trained, logprob_drift, merge, token_logps
+    from kto_lite.export.merge import load_trained, logprob_drift, merge, token_logps
 
     ids = [([1, 11, 12, 30, 31, 32, 40, 41, 42, 43], 3), ([1, 13, 14, 50, 51, 52, 53], 2)]
     trained = load_trained(run)  # 4-bit base + adapter, as training had it (config.yaml: load_in_4bit true)
@@ -175,7 +175,7 @@ def test_a_run_trained_unquantized_has_only_the_full_merge(run, tmp_path):
 
     import yaml
 
-    from kto_lite.merge import resolve_merge_from
+    from kto_lite.export.merge import resolve_merge_from
 
     plain = tmp_path / "plain"
     shutil.copytree(run, plain)
@@ -185,12 +185,6 @@ def test_a_run_trained_unquantized_has_only_the_full_merge(run, tmp_path):
     assert resolve_merge_from(run, None) == "quantized" and resolve_merge_from(run, "full") == "full"
     with pytest.raises(ValueError, match="merge_from"):
         resolve_merge_from(run, "half")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_files_the_user_receives_follow_the_umask(run, tmp_path):

@@ -20,19 +20,20 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import make_arch_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from kto_lite import export
+from kto_lite.commands import export as export_command
 from kto_lite.demo import DEMO_MODEL_DIR
-from kto_lite.export_gguf import (
+from kto_lite.errors import UnsupportedModel
+from kto_lite.export.gguf import (
     ARCHITECTURES,
-    UnsupportedModel,
     _permute_qk,
     architecture,
     rope_freqs,
     write_gguf,
     write_lora_gguf,
 )
-from kto_lite.merge import merge
-from kto_lite.modelfile import check_pieces, modelfile, turn_pieces
+from kto_lite.export.merge import merge
+from kto_lite.export.modelfile import check_pieces, modelfile, turn_pieces
+from kto_lite.files import umask
 
 CONVERSATION = [{"role": "system", "content": "be short."},
                 {"role": "user", "content": "what is the capital of france? 29 + 49"},
@@ -213,10 +214,10 @@ def demo_run(tmp_path_factory):
 
 
 def test_cli_gguf_writes_the_quantized_merge_a_modelfile_and_the_commands(demo_run, capsys):
-    assert export.main(["--adapter", str(demo_run), "--gguf", "--drift_rows", "4"]) == 0
+    assert export_command.main(["--adapter", str(demo_run), "--gguf", "--drift_rows", "4"]) == 0
     out = capsys.readouterr().out
     path = demo_run / "gguf" / "demo-run-quantized-f16.gguf"
-    assert path.is_file() and (path.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert path.is_file() and (path.stat().st_mode & 0o777) == 0o666 & ~umask()
     assert "mean |Δ log p| per token vs the trained model (4 rows" in out
     assert re.search(r"quantized (<0\.0001|0\.000\d), full 0\.\d+", out)  # the faithful merge is the trained model
     assert f"llama-cli -m {path}" in out and "ollama create demo-run -f" in out
@@ -231,12 +232,12 @@ def test_cli_gguf_writes_the_quantized_merge_a_modelfile_and_the_commands(demo_r
 
 def test_cli_gguf_lora_without_a_base_gguf_explains_what_is_missing(demo_run, tmp_path, capsys):
     out_file = tmp_path / "adapter.gguf"
-    assert export.main(["--adapter", str(demo_run), "--gguf_lora", "--out", str(out_file)]) == 0
+    assert export_command.main(["--adapter", str(demo_run), "--gguf_lora", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
     assert out_file.is_file() and "--base_gguf" in out and not out_file.with_suffix(".Modelfile").exists()
     base = tmp_path / "base.gguf"
     write_gguf(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR), AutoTokenizer.from_pretrained(DEMO_MODEL_DIR), base)
-    assert export.main(["--adapter", str(demo_run), "--gguf_lora", "--out", str(out_file), "--base_gguf", str(base)]) == 0
+    assert export_command.main(["--adapter", str(demo_run), "--gguf_lora", "--out", str(out_file), "--base_gguf", str(base)]) == 0
     mf = out_file.with_suffix(".Modelfile").read_text()
     assert f"FROM {base.resolve()}" in mf and "ADAPTER ./adapter.gguf" in mf
     assert f"llama-cli -m {base} --lora {out_file}" in capsys.readouterr().out
@@ -251,17 +252,9 @@ def test_cli_refuses_an_unsupported_model_with_exit_2(tmp_path, capsys):
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["c_attn"]))
     peft.save_pretrained(run)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base), "load_in_4bit": False}))
-    assert export.main(["--adapter", str(run), "--gguf"]) == 2
+    assert export_command.main(["--adapter", str(run), "--gguf"]) == 2
     assert "'gpt2'" in capsys.readouterr().err
     assert not (run / "gguf").exists()
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------- Modelfile templates
@@ -396,7 +389,7 @@ def test_gguf_lora_of_a_run_trained_from_a_gguf_uses_that_file_as_base(demo_run,
     run = tmp_path / "from-gguf"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("gguf"))
     (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base), "load_in_4bit": True}))
-    assert export.main(["--adapter", str(run), "--gguf_lora"]) == 0
+    assert export_command.main(["--adapter", str(run), "--gguf_lora"]) == 0
     out = capsys.readouterr().out
     assert f"trained from {base}" in out and "GGUF in, aligned GGUF out" in out
     modelfile_text = (run / "gguf" / "from-gguf-lora.Modelfile").read_text()

@@ -20,9 +20,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from kto_lite.batching import collate
-from kto_lite.head import FrozenHeadLogps, OutputHead, UnsupportedHead, output_head
-from kto_lite.logps import completion_logps
+from kto_lite.training.batching import collate
+from kto_lite.training.head import FrozenHeadLogps, OutputHead, UnsupportedHead, output_head
+from kto_lite.training.logps import completion_logps
 
 V, H = 37, 6
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from kto_lite.config import ConfigError
+from kto_lite.errors import ConfigError
 from kto_lite.hub import check_hub_access, hub_id, model_card, push_run, write_model_card
 
 
@@ -143,14 +143,14 @@ def test_push_run_sends_the_adapter_card_and_record_not_checkpoints(run_dir, mon
 
 
 def test_cli_push_checks_the_token_before_anything_else(run_dir, monkeypatch, tmp_path, capsys):
-    from kto_lite import export
+    from kto_lite.commands import export as export_command
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    assert export.main(["--adapter", str(run_dir), "--zip", str(tmp_path / "a.zip"), "--push_to_hub", "me/x"]) == 2
+    assert export_command.main(["--adapter", str(run_dir), "--zip", str(tmp_path / "a.zip"), "--push_to_hub", "me/x"]) == 2
     assert "HF_TOKEN" in capsys.readouterr().err and not (tmp_path / "a.zip").exists()
     with stand_in_hub(monkeypatch) as calls:
-        assert export.main(["--adapter", str(run_dir), "--push_to_hub", "me/x", "--hub_private", "false"]) == 0
+        assert export_command.main(["--adapter", str(run_dir), "--push_to_hub", "me/x", "--hub_private", "false"]) == 0
     assert json.loads(next(b for _, p, b, _ in calls if p == "/api/repos/create"))["visibility"] == "public"
     assert "README.md" in _commit_files(calls) and "uploaded: http://127.0.0.1" in capsys.readouterr().out
 
@@ -159,7 +159,7 @@ def test_training_with_push_to_hub_checks_first_and_uploads_at_the_end(monkeypat
     from tiny_models import learnable_rows, make_model_dir, write_jsonl
 
     from kto_lite.config import TrainConfig
-    from kto_lite.train import train
+    from kto_lite.training.recipe import train
 
     model = make_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "rows.jsonl", learnable_rows(16, seed=0))

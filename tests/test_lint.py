@@ -15,7 +15,7 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("module", ["kto_lite", "kto_lite.train", "kto_lite.chat", "kto_lite.export",
-                                    "kto_lite.memory", "kto_lite.cli_data", "ui.app"])
+@pytest.mark.parametrize("module", ["kto_lite", "kto_lite.training.recipe", "kto_lite.feedback.chat", "kto_lite.export.adapter",
+                                    "kto_lite.memory", "kto_lite.commands.data", "ui.app"])
 def test_imports(module):
     importlib.import_module(module)

@@ -18,11 +18,11 @@ from transformers import (
     Qwen2Config,
 )
 
-from kto_lite.batching import collate, collate_shared
 from kto_lite.config import TrainConfig
-from kto_lite.logps import completion_logps, supports_packing, supports_shared_prompts
 from kto_lite.model import add_lora, load_base
-from kto_lite.packing import SEGMENT_PREFIX
+from kto_lite.training.batching import collate, collate_shared
+from kto_lite.training.logps import completion_logps, supports_packing, supports_shared_prompts
+from kto_lite.training.packing import SEGMENT_PREFIX
 
 VOCAB = 301
 
@@ -177,7 +177,7 @@ def test_a_model_without_packed_masks_gets_the_padded_path():
 
 def test_reference_pass_packs_short_rows_into_fewer_passes(model_dirs, monkeypatch):
     """compute_reference_logps: packed, token-budgeted passes give the padded per-row numbers, in fewer passes."""
-    from kto_lite import reference
+    from kto_lite.training import reference
 
     model = trainer_model(model_dirs["llama"], True)
     prompts, completions = sequences(prompts=(5, 9, 2, 4, 30, 3), completions=(7, 3, 11, 0, 2, 1))
@@ -200,7 +200,7 @@ def test_reference_pass_packs_short_rows_into_fewer_passes(model_dirs, monkeypat
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_packed_masks_hold_only_the_diagonal_blocks(model_dirs, arch):
     """No (N x N) mask for N packed tokens: each layer gets one (n_i x n_i) block per sequence."""
-    from kto_lite.packing import BlockMasks
+    from kto_lite.training.packing import BlockMasks
 
     model = trainer_model(model_dirs[arch], False)
     prompts, completions = sequences()

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-import kto_lite.train
-from kto_lite.cli import UsageError
+import kto_lite.training.recipe
+from kto_lite.commands.loop import main as loop_main
 from kto_lite.config import TrainConfig
 from kto_lite.demo import DEMO_MODEL_DIR
-from kto_lite.loop import LoopArgs, run_loop
-from kto_lite.loop import main as loop_main
-from kto_lite.sample import SampleArgs
-from kto_lite.sampling import model_spec
+from kto_lite.errors import UsageError
+from kto_lite.feedback.loop import LoopArgs, run_loop
+from kto_lite.feedback.sample import SampleArgs
+from kto_lite.feedback.sampling import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -67,7 +67,7 @@ def two_rounds(tmp_path_factory, prompts):
     """Two rounds, the first attempt failing in round 2's training; the rerun continues from there."""
     out = tmp_path_factory.mktemp("loop") / "run"
     trained = []
-    real_train = kto_lite.train.train
+    real_train = kto_lite.training.recipe.train
 
     def failing_in_round_2(config, **kwargs):
         trained.append(Path(config.output_dir).name)
@@ -75,14 +75,14 @@ def two_rounds(tmp_path_factory, prompts):
             raise RuntimeError("simulated crash")
         return real_train(config, **kwargs)
 
-    kto_lite.train.train = failing_in_round_2
+    kto_lite.training.recipe.train = failing_in_round_2
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_loop(config(out), loop_args(prompts, 2), show_progress=False)
         assert (out / "round-1" / "round.json").is_file() and not (out / "round-2" / "round.json").exists()
         table = run_loop(config(out), loop_args(prompts, 2), show_progress=False)
     finally:
-        kto_lite.train.train = real_train
+        kto_lite.training.recipe.train = real_train
     assert trained == ["round-1", "round-2", "round-2"]  # round 1 was kept, not trained again
     return out, table
 
@@ -118,7 +118,7 @@ def test_every_round_is_a_run_folder(two_rounds):
 
 def test_a_finished_loop_is_kept_and_other_settings_are_refused(two_rounds, prompts, monkeypatch):
     out, table = two_rounds
-    monkeypatch.setattr(kto_lite.train, "train", lambda *a, **k: pytest.fail("a finished round trained again"))
+    monkeypatch.setattr(kto_lite.training.recipe, "train", lambda *a, **k: pytest.fail("a finished round trained again"))
     assert run_loop(config(out), loop_args(prompts, 2), show_progress=False) == table
     with pytest.raises(UsageError, match="other settings .*sampling"):
         run_loop(config(out), loop_args(prompts, 2, judge="number"), show_progress=False)

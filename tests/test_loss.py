@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kto_lite.loss import kto_loss, z0_estimate
+from kto_lite.training.loss import kto_loss, z0_estimate
 
 
 def sigmoid(x):

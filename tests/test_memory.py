@@ -23,20 +23,14 @@ from torch.utils._pytree import tree_flatten
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
 from kto_lite import model as kto_model
-from kto_lite.batching import Rows
+from kto_lite.commands.estimate import main
 from kto_lite.config import TrainConfig
-from kto_lite.logps import completion_logps
-from kto_lite.memory import (
-    GIB,
-    KNOWN_MODELS,
-    MemoryEstimateError,
-    ModelShape,
-    estimate_memory,
-    fit_plan,
-    main,
-    suggest_fit,
-)
-from kto_lite.train import make_optimizer
+from kto_lite.errors import MemoryEstimateError
+from kto_lite.files import GIB
+from kto_lite.memory import KNOWN_MODELS, ModelShape, estimate_memory, fit_plan, suggest_fit
+from kto_lite.training.batching import Rows
+from kto_lite.training.logps import completion_logps
+from kto_lite.training.recipe import make_optimizer
 
 SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=2048)

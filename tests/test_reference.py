@@ -4,10 +4,10 @@ import pytest
 import torch
 from tiny_models import make_model_dir
 
-from kto_lite import reference
 from kto_lite.config import TrainConfig
 from kto_lite.model import add_lora, load_base
-from kto_lite.reference import cached_reference_logps, compute_reference_logps, model_fingerprint
+from kto_lite.training import reference
+from kto_lite.training.reference import cached_reference_logps, compute_reference_logps, model_fingerprint
 
 SEQS = [([1, 9, 10, 11], [12, 13, 2]), ([1, 14], [15, 16, 17, 18, 2]), ([1, 20, 21, 22, 23], [24, 2])]
 

@@ -6,8 +6,8 @@ import pytest
 from tiny_models import learnable_rows, make_model_dir, write_jsonl
 
 from kto_lite.config import TrainConfig
-from kto_lite.run_dir import read_metrics
-from kto_lite.train import train
+from kto_lite.runs import read_metrics
+from kto_lite.training.recipe import train
 
 
 @pytest.fixture(scope="module")

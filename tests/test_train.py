@@ -1,5 +1,6 @@
 """End-to-end training on tiny local models with the real 4-bit path (CPU, bitsandbytes)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,15 +14,16 @@ from accelerate import Accelerator
 from peft import PeftModel
 from tiny_models import learnable_rows, make_model_dir, write_jsonl
 
-from kto_lite.batching import Rows, collate
-from kto_lite.config import ConfigError, TrainConfig
+from kto_lite.config import TrainConfig
 from kto_lite.data import load_data, tokenize
-from kto_lite.logps import completion_logps
-from kto_lite.loss import kto_loss
-from kto_lite.metrics import Meter
+from kto_lite.errors import ConfigError
 from kto_lite.model import load_base, load_tokenizer, reference_mode
-from kto_lite.run_dir import RunDir, prepare_output_dir, read_metrics, read_status
-from kto_lite.train import Recipe, train
+from kto_lite.runs import RunDir, prepare_output_dir, read_metrics, read_status
+from kto_lite.training.batching import Rows, collate
+from kto_lite.training.logps import completion_logps
+from kto_lite.training.loss import kto_loss
+from kto_lite.training.metrics import Meter
+from kto_lite.training.recipe import Recipe, train
 
 CONTRACT_KEYS = {"step", "epoch", "loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
                  "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb"}
@@ -239,7 +241,7 @@ def test_sigint_stops_gracefully(workdir):
 def test_two_process_cpu_run(workdir):
     """torchrun --nproc_per_node 2 (gloo): z0 and metrics are reduced across the processes; only the
     main process decides what happens to an existing output_dir."""
-    from kto_lite.batching import epoch_batches
+    from kto_lite.training.batching import epoch_batches
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     (workdir / "ddp").mkdir()
@@ -307,7 +309,7 @@ def test_fsdp_trains_what_ddp_trains(workdir):
 # ---------------------------------------------------------------------- issue 11: defects found in review
 def count_reference_passes(monkeypatch):
     """Patch the reference pass to count its calls (examples and KL rows, per split and epoch)."""
-    import kto_lite.train as train_module
+    import kto_lite.training.recipe as train_module
 
     calls = []
     real = train_module.cached_reference_logps
@@ -401,7 +403,7 @@ def test_max_length_alone_trains(workdir):
 
 # ---------------------------------------------------------------------- issue 10: the NaN guard
 def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, monkeypatch):
-    import kto_lite.train as train_module
+    import kto_lite.training.recipe as train_module
 
     real = train_module.kto_loss
     bad_steps = {2}
@@ -494,7 +496,7 @@ def test_fixed_kl_pairing_pays_the_kl_reference_pass_once(workdir, monkeypatch):
     calls.clear()
     per_epoch.compute_reference_columns(per_epoch.train_split)  # shared prompts: one pass, 1 + 2 completions each
     assert calls == ["reference log-probs (examples and KL rows) x3"]
-    recipe.share_reference = True
+    recipe.layout = dataclasses.replace(recipe.layout, shared_reference=True)
     calls.clear()
     recipe.compute_reference_columns(recipe.train_split)  # fixed pairing, shared: one KL completion per prompt
     assert calls == ["reference log-probs (examples and KL rows) x2"]
@@ -540,4 +542,4 @@ def test_share_prompts_is_refused_where_it_cannot_work(workdir):
     with pytest.raises(ConfigError, match="padding-free"):
         make_recipe(config(workdir, "share_padded", share_prompts=True, padding_free=False))
     auto = make_recipe(config(workdir, "share_auto_step", kl_over_step=True))
-    assert (auto.share_reference, auto.shared) == (True, False)  # the reference pass still shares
+    assert (auto.layout.shared_reference, auto.layout.shared_training) == (True, False)  # the reference pass still shares

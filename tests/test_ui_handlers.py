@@ -16,10 +16,11 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from kto_lite.__main__ import train_config
-from kto_lite.config import ConfigError, TrainConfig
+from kto_lite.commands.train import train_config
+from kto_lite.config import TrainConfig
 from kto_lite.demo import DEMO_SAMPLES
-from kto_lite.memory import format_bytes
+from kto_lite.errors import ConfigError
+from kto_lite.files import format_bytes
 from ui import chat_handlers as ch
 from ui import form, handlers, jobs
 
@@ -381,7 +382,7 @@ def test_eta_from_the_speed_seen(runs):
 
 # ---------------------------------------------------------------------- Chat tab
 class FakeChatModel:
-    """Streams a fixed reply word by word; honours stop_event like kto_lite.chat.ChatModel."""
+    """Streams a fixed reply word by word; honours stop_event like kto_lite.feedback.chat.ChatModel."""
 
     has_adapter = True
 

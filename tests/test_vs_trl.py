@@ -14,11 +14,11 @@ from peft import LoraConfig
 from tiny_models import learnable_rows, make_model_dir, write_jsonl
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from kto_lite.batching import collate
 from kto_lite.data import load_data, tokenize
-from kto_lite.logps import completion_logps
-from kto_lite.loss import kto_loss
 from kto_lite.model import reference_mode
+from kto_lite.training.batching import collate
+from kto_lite.training.logps import completion_logps
+from kto_lite.training.loss import kto_loss
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -11,7 +11,7 @@ import math
 
 import gradio as gr
 
-from kto_lite.data_read import SUFFIXES
+from kto_lite.data.read import SUFFIXES
 
 from . import chat_handlers as ch
 from . import form

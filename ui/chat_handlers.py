@@ -1,6 +1,6 @@
 """Handlers of the Chat and Export tabs.
 
-One `kto_lite.chat.ChatModel` is kept loaded at a time (switching tabs or sending another message
+One `kto_lite.feedback.chat.ChatModel` is kept loaded at a time (switching tabs or sending another message
 does not reload it). Base and tuned answers come from that one copy, with the adapters switched off
 for the base. Thumbs up / down append rows to a feedback file that the Data tab offers as training
 data. Export zips an adapter in-process (cheap) and merges with `python -m kto_lite export` in a
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from kto_lite.run_dir import FEEDBACK_FILE
+from kto_lite.runs import FEEDBACK_FILE
 
 from . import jobs
 from .handlers import SETTINGS, run_folder
@@ -50,7 +50,7 @@ def refresh_chat_choices(current: str | None):
 
 def get_chat_model(source: str, base_model: str | None = None):
     """The loaded ChatModel for `source` (a run folder or BASE), loading it if it is not the cached one."""
-    from kto_lite.chat import ChatModel
+    from kto_lite.feedback.chat import ChatModel
 
     key = (source, (base_model or "").strip() if source == BASE else "")
     with _CACHE_LOCK:
@@ -91,7 +91,7 @@ def new_turns() -> dict:
 
 # ---------------------------------------------------------------------- chatting
 def _messages(history) -> list[dict]:
-    from kto_lite.chat import normalize_messages
+    from kto_lite.feedback.chat import normalize_messages
 
     return normalize_messages(history or [])
 
@@ -228,7 +228,7 @@ def feedback_path(source: str | None, base_model: str | None = None) -> Path:
 
 
 def feedback_summary(source: str | None, base_model: str | None = None) -> str:
-    from kto_lite.chat import feedback_counts
+    from kto_lite.feedback.chat import feedback_counts
 
     if not source:
         return ""
@@ -242,7 +242,7 @@ def feedback_summary(source: str | None, base_model: str | None = None) -> str:
 
 def record_feedback(source: str, base_model: str, prompt: list[dict] | str, completion: str, liked: bool) -> str:
     """Append one rated reply to the feedback file of `source`; returns the counts line."""
-    from kto_lite.chat import append_feedback
+    from kto_lite.feedback.chat import append_feedback
 
     append_feedback(feedback_path(source, base_model), prompt, completion, bool(liked))
     return feedback_summary(source, base_model)
@@ -288,8 +288,8 @@ def export_choices(current: str | None = None):
 
 def zip_run(run: str | None):
     """(zip file for download, message). The zip goes to a temporary folder Gradio may serve."""
-    from kto_lite.export import zip_adapter
-    from kto_lite.memory import format_bytes
+    from kto_lite.export.adapter import zip_adapter
+    from kto_lite.files import format_bytes
 
     if not run:
         return None, "Choose a run with a saved adapter first."
@@ -305,9 +305,9 @@ def merge_notice(run: str | None) -> str:
         return "Train a run first: only runs with a saved adapter can be exported."
     import psutil
 
-    from kto_lite.chat import adapter_base
-    from kto_lite.export import estimate_merge_memory
-    from kto_lite.memory import format_bytes
+    from kto_lite.export.adapter import estimate_merge_memory
+    from kto_lite.files import format_bytes
+    from kto_lite.runs import adapter_base
 
     run = run_folder(run)
     base = adapter_base(run)
@@ -324,7 +324,7 @@ def merge_notice(run: str | None) -> str:
 
 def merged_dir(run: Path, merge_from: str | None) -> Path:
     """RUN/merged for the run's default merge (quantized for a 4-bit run), RUN/merged-full for the other."""
-    from kto_lite.merge import resolve_merge_from
+    from kto_lite.export.merge import resolve_merge_from
 
     chosen = resolve_merge_from(run, merge_from)
     return run / ("merged" if chosen == resolve_merge_from(run, None) else f"merged-{chosen}")
@@ -440,7 +440,7 @@ def push_run(run: str | None, repo_id: str, private: bool = True):
 
 
 def load_code(run: str | None, kind: str = "adapter") -> str:
-    from kto_lite.export import load_snippet
+    from kto_lite.export.adapter import load_snippet
 
     if not run:
         return ""

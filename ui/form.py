@@ -141,7 +141,7 @@ def config_to_values(config: TrainConfig, specs: list[FieldSpec]) -> list:
 
 # ---------------------------------------------------------------------- config -> command line
 def cli_value(value) -> str:
-    """A value as the command line reads it back (YAML, kto_lite.cli.yaml_value): true/false, [a, b], numbers, quoted odd strings."""
+    """A value as the command line reads it back (YAML, kto_lite.commands.cli.yaml_value): true/false, [a, b], numbers, quoted odd strings."""
     if value is None:
         return ""
     if isinstance(value, bool):

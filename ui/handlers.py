@@ -19,11 +19,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from kto_lite.config import ConfigError
-from kto_lite.data import CANONICAL, DataError, load_data
-from kto_lite.data_read import SUFFIXES
-from kto_lite.data_report import FORMATS
-from kto_lite.run_dir import FEEDBACK_FILE, checkpoints
+from kto_lite.data import CANONICAL, load_data
+from kto_lite.data.read import SUFFIXES
+from kto_lite.data.report import FORMATS
+from kto_lite.errors import ConfigError, DataError
+from kto_lite.runs import FEEDBACK_FILE, checkpoints
 
 from . import form, jobs
 
@@ -59,7 +59,7 @@ def feedback_files() -> dict[str, Path]:
     runs = SETTINGS.runs_dir
     found = [run / FEEDBACK_FILE for run in jobs.list_runs(runs)]
     found += sorted((runs / "_feedback").glob("*.jsonl")) if (runs / "_feedback").is_dir() else []
-    from kto_lite.chat import feedback_counts
+    from kto_lite.feedback.chat import feedback_counts
 
     out = {}
     for path in found:
@@ -246,7 +246,8 @@ def _run_label(values: list, run_name: str) -> str:
 
 def memory_estimate(config) -> str:
     """Markdown: the predicted peak GPU memory (kto_lite.memory), compared with this GPU when there is one."""
-    from kto_lite.memory import MemoryEstimateError, estimate_memory, suggest_fit
+    from kto_lite.errors import MemoryEstimateError
+    from kto_lite.memory import estimate_memory, suggest_fit
 
     try:
         estimate = estimate_memory(config)
@@ -268,7 +269,8 @@ def fit_warning(config) -> str:
     budget = _gpu_memory_gb()
     if budget is None:
         return ""
-    from kto_lite.memory import estimate_memory, format_bytes
+    from kto_lite.files import format_bytes
+    from kto_lite.memory import estimate_memory
 
     try:
         estimate = estimate_memory(config)

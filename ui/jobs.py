@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from kto_lite.run_dir import pid_alive, read_metrics, read_status
+from kto_lite.runs import pid_alive, read_metrics, read_status
 
 PENDING_LOGS = ".logs"  # runs/.logs/<run>.log until the run folder exists
 LOG_NAME = "train.log"

@@ -5,10 +5,10 @@
    completion, is dropped). The file's other columns (a reference answer) are kept for a judge.
 2. `ChatModel.sample` answers each prompt n times in one batch, with the Chat tab's loaded model
    (chat_handlers.get_chat_model: one copy of the weights, adapters on), seeded as
-   `python -m kto_lite sample` seeds (kto_lite.sampling).
-3. Each answer is rated with the thumbs under it, or by a judge (`kto_lite.judges`) for those not
+   `python -m kto_lite sample` seeds (kto_lite.feedback.sampling).
+3. Each answer is rated with the thumbs under it, or by a judge (`kto_lite.feedback.judges`) for those not
    rated by hand. Saving appends the rated answers to the run's feedback file, in the same rows the
-   Chat tab's thumbs write (`kto_lite.chat.append_feedback`); the Data tab lists that file.
+   Chat tab's thumbs write (`kto_lite.feedback.chat.append_feedback`); the Data tab lists that file.
 4. "Train the next round" starts `python -m kto_lite train` with the run's own settings at half its
    learning rate, the feedback file as data and `--init_adapter RUN`: training continues from the run's adapter.
 
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from kto_lite.config import ConfigError, TrainConfig
-from kto_lite.data_read import DataError
+from kto_lite.config import TrainConfig
+from kto_lite.errors import ConfigError, DataError
 
 from . import chat_handlers as ch
 from . import form, jobs
 from . import handlers as h
 
-# Judges offered in the dropdown (any spec kto_lite.judges accepts can be typed in), and the demo
+# Judges offered in the dropdown (any spec kto_lite.feedback.judges accepts can be typed in), and the demo
 # task's judge when the recipes folder is there (a source checkout).
 JUDGES = [("exact: the answer equals the reference column", "exact"),
           ("contains: the answer contains the reference", "contains"),
@@ -48,11 +48,11 @@ NO_FILE = ""  # the shipped-file dropdown's "use the typed prompts" choice
 def read_prompts(path: str | Path) -> tuple[list[dict], list[str]]:
     """({"prompt", "row", "row_index"} per distinct prompt, in file order; the file's columns).
 
-    `kto_lite.sampling.read_prompts` reads the file (DataError on a bad row); a prompt asked in several
+    `kto_lite.feedback.sampling.read_prompts` reads the file (DataError on a bad row); a prompt asked in several
     rows (a feedback file rates each prompt more than once) is asked once. `row_index` is the prompt's row
     position: it seeds the answers as `python -m kto_lite sample` seeds that row's samples.
     """
-    from kto_lite.sampling import read_prompts as read_prompt_file
+    from kto_lite.feedback.sampling import read_prompts as read_prompt_file
 
     found = read_prompt_file(path)
     prompts, seen = [], set()
@@ -178,7 +178,7 @@ def judge_answers(batch: dict | None, spec: str, reference_column: str, threshol
 
     `threshold` (text; empty: none) turns a python judge's score into a label (score >= threshold).
     """
-    from kto_lite.judges import JudgeSpecError, apply_judge, make_judge
+    from kto_lite.feedback.judges import JudgeSpecError, apply_judge, make_judge
 
     if not batch or not batch["items"]:
         return gr.skip(), "Generate some answers first.", gr.skip()
@@ -224,7 +224,7 @@ def counts(batch: dict | None) -> str:
 
 def feedback_line(source: str | None, base_model: str = "") -> str:
     """Where the ratings go and what is there already."""
-    from kto_lite.chat import feedback_counts
+    from kto_lite.feedback.chat import feedback_counts
 
     if not source:
         return ""
@@ -237,7 +237,7 @@ def feedback_line(source: str | None, base_model: str = "") -> str:
 
 def save_ratings(batch: dict | None):
     """Append the rated, unsaved answers to the feedback file. Returns (counts, batch)."""
-    from kto_lite.chat import append_feedback
+    from kto_lite.feedback.chat import append_feedback
 
     todo = [it for it in (batch or {}).get("items", []) if it["label"] is not None and not it["saved"]]
     if not todo:
@@ -269,7 +269,7 @@ def train_next_round(source: str | None, base_model: str, batch: dict | None, ep
     if unsaved and batch["source"] == source:
         return f"⚠ {len(unsaved)} rated answers are not saved yet: **Add them to the feedback file** first.", gr.skip()
     feedback = ch.feedback_path(source, base_model)
-    from kto_lite.chat import feedback_counts
+    from kto_lite.feedback.chat import feedback_counts
 
     rows = feedback_counts(feedback)
     if not rows["rows"]:
@@ -297,7 +297,7 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
     The run's own settings (its config.yaml: model, LoRA shape, beta, ...), except: data is a snapshot
     of its feedback file (the run keeps pointing at rows that do not change), init_adapter is the run,
     the reference is `reference`, the learning rate is half the run's (as the loop's later rounds:
-    kto_lite.loop.LEARNING_RATE_DECAY), and the length is `epochs` passes (0 or None: as the run;
+    kto_lite.feedback.loop.LEARNING_RATE_DECAY), and the length is `epochs` passes (0 or None: as the run;
     max_steps is cleared: it was sized for the previous data).
     """
     previous = None if source == ch.BASE else h.run_folder(source)
@@ -307,7 +307,7 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
         values = TrainConfig().to_dict()
         values["model"] = (base_model or "").strip() or None
         if previous is not None:
-            from kto_lite.chat import adapter_base
+            from kto_lite.runs import adapter_base
 
             values["model"] = adapter_base(previous, resolve=False)
     label = _round_label(previous, values)
@@ -319,7 +319,7 @@ def next_round_config(source: str, base_model: str, feedback: Path, epochs: floa
         values["num_epochs"] = float(epochs)
     config = TrainConfig.from_dict(values, source="next round")
     if previous is not None:  # the run's rate (as set, or its model's default), decayed as the loop's round 2
-        from kto_lite.loop import round_learning_rate
+        from kto_lite.feedback.loop import round_learning_rate
 
         config = dataclasses.replace(config, learning_rate=round_learning_rate(config, 2))
     return config, previous
@@ -329,7 +329,7 @@ def _round_label(previous: Path | None, values: dict) -> str:
     """'<name>-round-<k>': k counts the init_adapter chain back to the first round."""
     if previous is None:
         return f"{Path(str(values.get('model') or 'demo').rstrip('/')).name}-round-1"
-    from kto_lite.chat import run_settings
+    from kto_lite.runs import run_settings
 
     rounds, run = 1, previous
     while rounds < 100:  # follows config.yaml files; a cycle cannot make it loop for ever

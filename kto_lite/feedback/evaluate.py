@@ -1,7 +1,4 @@
-"""python -m kto_lite evaluate: sampled accuracy of the base and of each adapter, with a 95% interval.
-
-    python -m kto_lite evaluate --model M --adapter RUN1 [--adapter RUN2 ...] --prompts HELDOUT.jsonl
-                                --judge SPEC [--n 4] [--seed 0] [--json]
+"""Sampled accuracy of the base and of each adapter, with a 95% interval.
 
 Every model answers every prompt n times; accuracy is the share of judged samples the judge accepts.
 Seeding: sample j of prompt i uses the same random numbers for every model (sampling.row_seed), so
@@ -18,27 +15,20 @@ near 0 and 1; a design effect rather than a cluster bootstrap because it needs n
 of samples, so the interval is never narrower than if the samples were independent.
 """
 
+
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from statistics import NormalDist
 
 from tqdm.auto import tqdm
 
-from . import cli
-from .judges import Judge, apply_judge
-from .sample import (
+from kto_lite.feedback.judges import Judge, apply_judge
+from kto_lite.feedback.sample import (
     SampleArgs,
-    add_judge_flags,
-    add_model_flags,
-    add_sampling_flags,
-    build_judge,
-    sample_args,
-    spec_from_args,
 )
-from .sampling import Loaded, Prompts, generate_samples, load_models, read_prompts
+from kto_lite.feedback.sampling import Loaded, Prompts, generate_samples
 
 CONFIDENCE = 0.95
 INTERVAL = "Wilson score interval at the design-effect sample size (prompts as clusters), 95%"
@@ -130,33 +120,3 @@ def format_table(results: list[Accuracy]) -> str:
         failed = f"  ({r.judge_failures} not judged)" if r.judge_failures else ""
         lines.append(f"{r.name:<{width}}  {r.accuracy:<8.3f}  [{r.low:.3f}, {r.high:.3f}]  {r.judged}{failed}")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    parser = cli.Parser("evaluate", __doc__.split("\n\n")[0])
-    add_model_flags(parser)
-    parser.add_flag("adapter", action="append", default=[], help="a training run's output_dir; repeat the flag "
-                                                                 "for several (the base is always evaluated)")
-    parser.add_flag("prompts", required=True, help="held-out prompts with their reference answers")
-    add_sampling_flags(parser)
-    add_judge_flags(parser, required=True)
-    parser.add_flag("json", action="store_true", help="print the results as JSON instead of a table")
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        settings = sample_args(args)
-        prompts = read_prompts(args.prompts)
-        judge = build_judge(settings, prompts)
-        loaded = load_models(spec_from_args(args, args.adapter))
-        results = [evaluate_one(loaded, a, prompts, judge, settings, batch_size=args.batch_size,
-                                show_progress=not args.json)[0] for a in [None, *loaded.adapters.values()]]
-        if args.json:
-            print(json.dumps({"prompts": prompts.path, "interval": INTERVAL, "model": loaded.spec.model_name,
-                              "sampling": asdict(settings), "results": [asdict(r) for r in results]}, indent=1))
-        else:
-            print(f"{len(prompts.rows)} prompts x {settings.n} samples, judge {settings.judge}, seed {settings.seed}")
-            print(format_table(results))
-            print(f"interval: {INTERVAL} (docs/loop.md)")
-        return 0
-
-    return cli.run(body)

@@ -15,7 +15,7 @@ Policies (also in docs/data.md):
   over MAX_FIELD_CHARS characters, an empty completion, a conversation not ending with an assistant
   message, chosen identical to rejected.
 - Exact duplicates, empty prompts and contradictory labels are kept and reported.
-Tokenization lives in data_tokenize.py, file reading in data_read.py, the report in data_report.py.
+Tokenization lives in tokenize.py, file reading in read.py, the report in report.py.
 """
 
 from __future__ import annotations
@@ -23,26 +23,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kto_lite.data_read import DataError, RawData, Row, read_rows, snippet
-from kto_lite.data_report import DataReport, complete_weights, suggest_weights
-from kto_lite.data_tokenize import encode_prompt, tokenize
-from kto_lite.examples import Content, Example, TokenizedExample
-
-__all__ = [
-    "DataError",
-    "DataReport",
-    "Example",
-    "TokenizedExample",
-    "encode_prompt",
-    "load_data",
-    "normalize_label",
-    "suggest_weights",
-    "complete_weights",
-    "tokenize",
-]
+from kto_lite.data.examples import Content, Example
+from kto_lite.data.read import RawData, Row, read_rows, snippet
+from kto_lite.data.report import DataReport
+from kto_lite.errors import DataError
 
 MAX_FIELD_CHARS = 1_000_000  # longer fields are dropped: no model trains on a 250k-token completion
 CANONICAL = ("prompt", "completion", "label", "kto_tag", "messages", "chosen", "rejected")
@@ -180,7 +168,7 @@ def _row_examples(
     data = row.data
     optional = {"prompt"} if fmt == "paired" else set()
     fields = {
-        k: _content(data.get(k), k, error)
+        k: read_content(data.get(k), k, error)
         for k in TEXT_FIELDS[fmt]
         if k not in optional or data.get(k) is not None
     }
@@ -237,8 +225,10 @@ def _example(prompt: Content, completion: Content, label: bool, row: int) -> Exa
     return Example(prompt, completion, label, row)
 
 
-def _content(value: Any, name: str, error) -> Content:
-    """Text, or a list of chat messages (a JSON-encoded list in a CSV cell counts as one)."""
+def read_content(value: Any, name: str, error: Callable[[str, Any], DataError]) -> Content:
+    """Text, or a list of chat messages (a JSON-encoded list in a CSV cell counts as one): the one rule for a
+    prompt, completion or conversation cell, for training data and prompt files alike. `error(message,
+    value)` makes the DataError that names the file and row."""
     if isinstance(value, str) and value.lstrip().startswith("[{"):
         try:
             decoded = json.loads(value)

@@ -10,12 +10,12 @@ feedback file is training data for the next round of KTO.
 
 `ChatModel.sample` generates several answers to one prompt in one batch (the app's Rate tab).
 
-`python -m kto_lite chat [--model M] [--adapter DIR]` is a terminal chat (`main`).
+The terminal chat, `python -m kto_lite chat`, is kto_lite/commands/chat.py.
 """
+
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,46 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from . import cli
-from .data import encode_prompt
-from .model import load_adapter, load_base, load_tokenizer, resolve_model
-from .sampling import generate_samples, stop_token_ids
-
-# --------------------------------------------------------------------------- what a run folder says
-
-
-def run_settings(adapter_dir: str | Path) -> dict:
-    """The run's config.yaml next to the adapter ({} when there is none): model, load_in_4bit, ..."""
-    path = Path(adapter_dir) / "config.yaml"
-    if not path.is_file():
-        return {}
-    values = yaml.safe_load(path.read_text())
-    return values if isinstance(values, dict) else {}
-
-
-def adapter_base(adapter_dir: str | Path, *, resolve: bool = True) -> str:
-    """The base model an adapter was trained on: config.yaml's `model`, else adapter_config.json's.
-
-    resolve: what `from_pretrained` loads (a GGUF file's converted folder, the demo model for none);
-    False: the name as the run gave it (e.g. the .gguf path itself)."""
-    base = run_settings(adapter_dir).get("model")
-    if not base:
-        config = Path(adapter_dir) / "adapter_config.json"
-        if config.is_file():
-            base = json.loads(config.read_text()).get("base_model_name_or_path")
-    return resolve_model(base) if resolve else base
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    path = Path(adapter_dir)
-    if not (path / "adapter_config.json").is_file():
-        hint = " (training may still be running, or it stopped before saving)" if path.is_dir() else ""
-        raise FileNotFoundError(f"{path}: no adapter here: adapter_config.json is missing{hint}")
-    return path
-
+from kto_lite.data import encode_prompt
+from kto_lite.data.tokenize import stop_token_ids
+from kto_lite.feedback.sampling import generate_samples
+from kto_lite.model import load_adapter, load_base, load_tokenizer, resolve_model
+from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
 
 # --------------------------------------------------------------------------- the model
 
@@ -154,7 +121,7 @@ class ChatModel:
                     out = self.model.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                         streamer=streamer, stopping_criteria=StoppingCriteriaList([stop_on]),
-                        eos_token_id=stop_token_ids(self.base, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                        eos_token_id=stop_token_ids(self.tokenizer, self.base.generation_config), pad_token_id=self.tokenizer.pad_token_id, **sampling,
                     )
                     self.last_stats = {"new_tokens": out.shape[1] - ids.shape[1],
                                        "seconds": time.perf_counter() - start,
@@ -181,7 +148,7 @@ class ChatModel:
     def sample(self, messages: list[dict], n: int = 1, *, use_adapter: bool = True, max_new_tokens: int = 256,
                temperature: float = 0.7, top_p: float = 1.0, system_prompt: str | None = None, seed: int = 0,
                index: int = 0) -> list[str]:
-        """`n` independent replies to one conversation, in one batch (`kto_lite.sampling.generate_samples`).
+        """`n` independent replies to one conversation, in one batch (`kto_lite.feedback.sampling.generate_samples`).
 
         Reply j draws from its own generator seeded from (seed, index, j), so the replies are those
         `python -m kto_lite sample --seed SEED` gives for a prompt at position `index` of its file.
@@ -302,89 +269,3 @@ def _file_lock(f):
         yield
     finally:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------- terminal chat
-
-HELP = "commands: /reset clears the conversation, /quit (or Ctrl-D) exits; Ctrl-C stops a reply, twice exits"
-
-
-def build_parser() -> cli.Parser:
-    p = cli.Parser("chat", "Chat with a base model or an adapter in the terminal.")
-    p.add_flag("model", metavar="M",
-               help="base model (hub id or path); default: the adapter's base, else the built-in demo model")
-    p.add_flag("adapter", metavar="DIR", help="a training run's output_dir (or any PEFT adapter folder)")
-    p.add_flag("load_in_4bit", type=cli.yaml_value, default=None, metavar="BOOL",
-               help="false: load the base unquantized (default: as the run was trained, else true)")
-    p.add_argument("--no-4bit", dest="load_in_4bit", action="store_const", const=False,
-                   help=argparse.SUPPRESS)  # the flag before round 2; same as --load_in_4bit false
-    p.add_flag("system", metavar="TEXT", help="system prompt, put before the conversation")
-    p.add_flag("temperature", type=float, default=0.7, metavar="T", help="0: greedy (deterministic); default 0.7")
-    p.add_flag("top_p", type=float, default=0.9, metavar="P", help="nucleus sampling; default 0.9")
-    p.add_flag("max_new_tokens", type=int, default=256, metavar="N", help="longest reply in tokens; default 256")
-    p.add_flag("base", action="store_true", help="answer with the adapter disabled (the base model)")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    """Exit codes: 0 done, 2 a usage or input error (a bad flag, a folder without an adapter), 1 a failure."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2): argparse has printed it
-        return int(e.code or 0)
-    return cli.run(lambda: _chat(args))
-
-
-def _chat(args) -> int:
-    if args.load_in_4bit not in (None, True, False):
-        raise cli.UsageError(f"--load_in_4bit takes true or false, not {args.load_in_4bit!r}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
-        raise cli.UsageError("--temperature must be at least 0, --top_p in (0, 1], --max_new_tokens at least 1")
-    if args.adapter is not None:
-        check_adapter_dir(args.adapter)  # FileNotFoundError: an input error (exit 2), before loading anything
-    chat = ChatModel(args.model, args.adapter, load_in_4bit=args.load_in_4bit)
-    who = chat.model_name
-    if chat.has_adapter:
-        who += f" + adapter {chat.adapter_dir}" + (" (disabled: --base)" if args.base else "")
-    print(f"chatting with {who}, {'4-bit' if chat.load_in_4bit else 'unquantized'}\n{HELP}", flush=True)
-    options = dict(use_adapter=not args.base, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, system_prompt=args.system)
-    history: list[dict] = []
-    while True:
-        try:
-            user = input("\nyou> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if user.strip() in ("/quit", "/exit"):
-            return 0
-        if user.strip() == "/reset":
-            history = []
-            print("(conversation cleared)")
-            continue
-        if not user.strip():
-            continue
-        history.append({"role": "user", "content": user})
-        try:
-            reply = _print_reply(chat, history, options)
-        except KeyboardInterrupt:  # a second Ctrl-C while the first one was stopping the reply
-            print()
-            return 0
-        history.append({"role": "assistant", "content": reply})
-
-
-def _print_reply(chat: ChatModel, history: list[dict], options: dict) -> str:
-    """Stream one reply to stdout; Ctrl-C stops it (the text so far is kept). Returns the reply."""
-    print("bot> ", end="", flush=True)
-    stop, shown = threading.Event(), ""
-    replies = chat.stream(history, stop_event=stop, **options)
-    try:
-        for shown_next in replies:
-            print(shown_next[len(shown):], end="", flush=True)
-            shown = shown_next
-    except KeyboardInterrupt:
-        stop.set()
-        replies.close()  # joins the generation thread, which stops at its next token
-        print(" [stopped]", end="")
-    print(flush=True)
-    return shown

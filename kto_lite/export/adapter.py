@@ -15,45 +15,14 @@ Files the user receives are created with the normal umask (not owner-only).
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 import zipfile
-from fnmatch import fnmatch
 from pathlib import Path
 
-# bitsandbytes (imported by peft below) logs that an optional kernel package is missing: nothing to act on
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-from .chat import adapter_base, check_adapter_dir  # noqa: E402
-from .merge import DTYPES, MERGE_FROM, merge_dtype  # noqa: E402,F401 - merge_dtype is part of this module's API
-
-# What a zip (and a Hub upload) holds: the adapter, its tokenizer, and the run's record. Not
-# checkpoints/ (optimizer state, several times the adapter's size), not the feedback or any data file.
-ZIP_PATTERNS = (
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",  # peft
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*",
-    "merges.txt", "*.model", "generation_config.json",  # tokenizer
-    "config.yaml", "metrics.jsonl", "data_report.json", "status.json",  # the run
-)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def user_mode(path: str | Path, folder: bool = False) -> None:
-    """The permissions a plain `open` / `mkdir` would give (mkstemp / mkdtemp make them owner-only)."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
-
-
-def run_files(adapter_dir: Path) -> list[Path]:
-    """The files of a run that are shipped (ZIP_PATTERNS), sorted."""
-    return sorted(p for p in adapter_dir.iterdir() if p.is_file() and any(fnmatch(p.name, g) for g in ZIP_PATTERNS))
-
+from kto_lite.export.gguf import base_config
+from kto_lite.export.merge import merge, merge_dtype
+from kto_lite.files import atomic_path
+from kto_lite.model import resolve_model
+from kto_lite.runs import adapter_base, check_adapter_dir, run_files
 
 # --------------------------------------------------------------------------- zip
 
@@ -66,19 +35,10 @@ def zip_adapter(adapter_dir: str | Path, out_zip: str | Path) -> Path:
     """
     adapter_dir = check_adapter_dir(adapter_dir)
     out_zip = Path(out_zip)
-    out_zip.parent.mkdir(parents=True, exist_ok=True)
     folder = adapter_dir.resolve().name or "adapter"
-    fd, tmp = tempfile.mkstemp(suffix=".zip.partial", dir=out_zip.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            for path in run_files(adapter_dir):
-                z.write(path, f"{folder}/{path.name}")
-        user_mode(tmp)
-        os.replace(tmp, out_zip)  # a reader never sees half a zip
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for path in run_files(adapter_dir):
+            z.write(path, f"{folder}/{path.name}")
     return out_zip
 
 
@@ -94,8 +54,6 @@ def estimate_merge_memory(base: str | None, dtype: str = "auto") -> int:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .export_gguf import base_config
-    from .model import resolve_model
 
     base = resolve_model(base)
     with init_empty_weights():
@@ -113,26 +71,15 @@ def save_merged(merged, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} is not empty; choose a new folder for the merged model")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir, folder=True) as tmp:  # transformers writes its files through mkstemp too: user_mode
         merged.model.save_pretrained(tmp)  # safetensors, sharded when large
         merged.tokenizer.save_pretrained(tmp)
-        for path in [tmp, *tmp.rglob("*")]:  # transformers writes its files through mkstemp too
-            user_mode(path, folder=path.is_dir())
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
                   dtype: str = "auto", merge_from: str | None = None) -> Path:
     """Merge the adapter (merge.merge) and save it to `out_dir` (save_merged)."""
-    from .merge import merge
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before the slow part
@@ -175,10 +122,3 @@ def load_snippet(path: str | Path, kind: str, *, base: str | None = None) -> str
         "output = model.generate(**inputs, max_new_tokens=128)\n"
         "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n"
     )
-
-
-def main(argv: list[str]) -> int:
-    """`python -m kto_lite export ...` (export_cli.py)."""
-    from .export_cli import main as cli_main
-
-    return cli_main(argv)

@@ -17,7 +17,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .export_gguf import UnsupportedModel
+from kto_lite.errors import UnsupportedModel
 
 # Split regexes of the pre-tokenizers llama.cpp knows by name (its llama-vocab.cpp); tokenizer.json spells
 # them the same way.

@@ -31,8 +31,13 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .data_read import DataError, read_rows, snippet
-from .data_tokenize import encode_prompt
+from kto_lite.config import TrainConfig
+from kto_lite.data.load import read_content
+from kto_lite.data.read import read_rows
+from kto_lite.data.tokenize import encode_prompt, stop_token_ids
+from kto_lite.errors import DataError
+from kto_lite.model import eval_mode, load_adapter, load_base, load_tokenizer, resolve_model
+from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
 
 Content = str | list[dict[str, str]]
 
@@ -70,10 +75,14 @@ def read_prompts(path: str | Path) -> Prompts:
     for row in raw.rows:
         where = raw.where(row)
         data = row.data
+
+        def error(message: str, value: Any, where=where, row=row) -> DataError:
+            return DataError(f"{raw.path}, {where}: {message}", path=raw.path, row=row.row, value=value)
+
         if "prompt" in data and data["prompt"] is not None:
-            prompt = _content(data["prompt"], "prompt", raw.path, where, row.row)
+            prompt = read_content(data["prompt"], "prompt", error)
         elif "messages" in data and data["messages"] is not None:
-            prompt = _content(data["messages"], "messages", raw.path, where, row.row)
+            prompt = read_content(data["messages"], "messages", error)
             if isinstance(prompt, str):
                 raise DataError(f"{raw.path}, {where}: 'messages' must be a list of messages", path=raw.path,
                                 row=row.row, value=prompt)
@@ -89,22 +98,6 @@ def read_prompts(path: str | Path) -> Prompts:
                 path=raw.path, row=row.row)
         out.rows.append(PromptRow(prompt, data, where))
     return out
-
-
-def _content(value: Any, name: str, path: str, where: str, row: int) -> Content:
-    if isinstance(value, str) and value.lstrip().startswith("[{"):  # messages as JSON text (a CSV cell)
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    if isinstance(value, str):
-        return value
-    ok = isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
-    if not ok:
-        raise DataError(f"{path}, {where}: '{name}' must be text or a list of {{'role', 'content'}} messages, "
-                        f"got {snippet(value)}", path=path, row=row, value=value)
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 # --------------------------------------------------------------------------- models
@@ -130,9 +123,6 @@ class ModelSpec:
 def model_spec(model: str | None, adapters: list[str] | tuple[str, ...] = (), **options) -> ModelSpec:
     """model None: the first adapter's base, else the built-in demo model. An option left None (or
     not given): as the first adapter's run set it (its config.yaml), else TrainConfig's default."""
-    from .chat import adapter_base, check_adapter_dir, run_settings
-    from .config import TrainConfig
-    from .model import resolve_model
 
     folders = [str(check_adapter_dir(a)) for a in adapters]
     settings = run_settings(folders[0]) if folders else {}
@@ -174,7 +164,6 @@ class Loaded:
 
 def load_models(spec: ModelSpec) -> Loaded:
     """Load the base once, as training loads it, with the spec's adapters on top (see `model_spec`)."""
-    from .model import load_adapter, load_base, load_tokenizer
 
     o = spec.options
     tokenizer = load_tokenizer(spec.model_name, revision=o["revision"], trust_remote_code=o["trust_remote_code"])
@@ -193,14 +182,6 @@ def load_models(spec: ModelSpec) -> Loaded:
         names[name] = folder
     peft_model.eval()
     return Loaded(tokenizer, peft_model, spec, names)
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS of the tokenizer and of the model's generation config (instruct models list end-of-turn there)."""
-    config = getattr(model, "generation_config", None)
-    ids = getattr(config, "eos_token_id", None)
-    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    return sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None})
 
 
 # --------------------------------------------------------------------------- seeded generation
@@ -259,14 +240,12 @@ def generate_samples(model, tokenizer, prompts: list[Content], *, n: int = 1, te
     indices = list(range(len(prompts))) if indices is None else indices
     encoded = [encode_prompt(p, tokenizer, use_chat_template) for p in prompts]
     jobs = [(k, j) for k in range(len(prompts)) for j in range(n)]  # prompt k's samples are adjacent
-    stop_ids = stop_token_ids(model, tokenizer)
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
     done: dict[int, list[Sample]] = {}
     next_k = 0
-    was_training = model.training
-    model.eval()  # LoRA dropout off
-    try:
+    with eval_mode(model):  # LoRA dropout off
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             width = max(len(encoded[k]) for k, _ in batch)
@@ -289,8 +268,6 @@ def generate_samples(model, tokenizer, prompts: list[Content], *, n: int = 1, te
             while next_k in done and len(done[next_k]) == n:
                 yield next_k, done.pop(next_k)
                 next_k += 1
-    finally:
-        model.train(was_training)
 
 
 def _decode(ids: list[int], stop_ids: list[int], tokenizer) -> Sample:

@@ -31,6 +31,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from kto_lite.model import base_model
+
 SEGMENT_PREFIX = "kto_lite_segments_"  # + the wrapped implementation: kto_lite_segments_sdpa, ..._eager
 VARLEN = ("flash_attention", "flex_attention")  # transformers' own packed path (varlen kernels, block masks)
 _active_segments: ContextVar[tuple | None] = ContextVar("kto_lite_packed_segments", default=None)  # (bounds, branch)
@@ -45,10 +47,6 @@ class BlockMasks(tuple):
     """
 
     bounds: list[tuple[int, int]] | None = None
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def segments(position_ids: torch.Tensor | None) -> list[tuple[int, int]] | None:
@@ -140,8 +138,9 @@ def _segment_attention(impl: str):
         # query (1, heads, N, D); key, value (1, kv_heads, N, D); attention_mask (1, 1, N, N), BlockMasks or None
         original = _eager(module) if impl == "eager" else AttentionInterface._global_mapping[impl]
         bounds = attention_mask.bounds if isinstance(attention_mask, BlockMasks) else None
-        bounds = bounds or segments(kwargs.get("position_ids"))
-        if bounds is None or not query.shape[2] == key.shape[2] == kwargs["position_ids"].shape[1]:
+        position_ids = kwargs.get("position_ids")  # (1, N); a model whose attention is not given them: not packed
+        bounds = bounds or segments(position_ids)
+        if bounds is None or position_ids is None or not query.shape[2] == key.shape[2] == position_ids.shape[1]:
             return original(module, query, key, value, attention_mask, **kwargs)
         outputs = []
         for i, (start, end) in enumerate(bounds):
@@ -164,7 +163,7 @@ def use_segment_attention(model) -> str:
     switch is permanent: gradient checkpointing recomputes layers in backward with the same function.
     Models that do not call attention through AttentionInterface keep theirs.
     """
-    base = _base(model)
+    base = base_model(model)
     impl = base.config._attn_implementation
     modeling = sys.modules[type(base).__module__]
     wrappable = impl == "sdpa" or (impl == "eager" and hasattr(modeling, "eager_attention_forward"))

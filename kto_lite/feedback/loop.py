@@ -1,7 +1,4 @@
-"""python -m kto_lite loop: rounds of sample -> judge -> train -> evaluate, one run folder per round.
-
-    python -m kto_lite loop CONFIG.yaml --rounds 3 --prompts TRAIN.jsonl --eval_prompts HELDOUT.jsonl
-                            --judge SPEC [--n 4] [--eval_n 4] [--FIELD VALUE ...]
+"""The feedback loop: rounds of sample -> judge -> train -> evaluate, one run folder per round.
 
 Round r (1, 2, ...):
 1. sample --n answers to every training prompt with the current policy: round 1 the base (or the
@@ -16,13 +13,14 @@ Round r (1, 2, ...):
 
 <output_dir>/round-r/ is a normal run folder (adapter, metrics.jsonl, config.yaml, status.json) that
 also holds samples.jsonl (the round's training data), eval_samples.jsonl and round.json (its line of the
-table). <output_dir>/loop.json records the arguments; rerunning the same command continues where it
+table). <output_dir>/loop.json records the arguments; rerunning the same loop continues where it
 stopped (finished rounds are kept, a round's sampling and training resume), and `--rounds` may grow.
+The command line is kto_lite/commands/loop.py.
 """
+
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -34,22 +32,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import cli
-from .config import REFERENCES, TrainConfig
-from .evaluate import INTERVAL, evaluate_one
-from .judges import Judge
-from .run_dir import checkpoints, read_status
-from .sample import (
+from kto_lite.config import TrainConfig
+from kto_lite.errors import UsageError
+from kto_lite.feedback.evaluate import evaluate_one
+from kto_lite.feedback.judges import Judge
+from kto_lite.feedback.sample import (
     SampleArgs,
-    add_judge_flags,
-    add_sampling_flags,
     build_judge,
-    sample_args,
     sample_to_file,
     side_files,
     summarize,
 )
-from .sampling import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
+from kto_lite.feedback.sampling import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
+from kto_lite.runs import checkpoints, read_status
+from kto_lite.training import recipe
 
 # A round after the first trains at this fraction of the previous round's learning rate (`LoopArgs`,
 # docs/loop.md "Learning rate across rounds": measured on SmolLM2, the same rate again added nothing,
@@ -156,14 +152,13 @@ def _base_row(config: TrainConfig, args: LoopArgs, state: _Models, eval_prompts:
 
 def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str | None, reference: str,
                  learning_rate: float, show_progress: bool):
-    from .train import train
 
     resume = folder.exists() and bool(checkpoints(folder))
     round_config = dataclasses.replace(
         config, data=str(samples), output_dir=str(folder), init_adapter=previous,
         reference=reference, learning_rate=learning_rate, resume_from_checkpoint=resume,
         overwrite_output_dir=folder.exists() and not resume)  # a round that failed before its first checkpoint
-    train(round_config, show_progress=show_progress)
+    recipe.train(round_config, show_progress=show_progress)  # through the module: tests stand in for it
     status = read_status(folder) or {}
     if status.get("status") != "finished":
         raise LoopStopped(f"training of {folder.name} {status.get('status', 'stopped')} at step "
@@ -266,70 +261,11 @@ def _check_loop_folder(config: TrainConfig, args: LoopArgs, train_prompts: Promp
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(meta) | set(old) if old.get(k) != meta.get(k))
         if changed:
-            raise cli.UsageError(f"{out} holds a loop run with other settings ({', '.join(changed)} differ); "
+            raise UsageError(f"{out} holds a loop run with other settings ({', '.join(changed)} differ); "
                                  "rerun with the same ones to continue, or choose another --output_dir")
         return
     if out.exists() and any(out.iterdir()):
-        raise cli.UsageError(f"output_dir {out} is not empty and holds no loop (no loop.json); choose another "
+        raise UsageError(f"output_dir {out} is not empty and holds no loop (no loop.json); choose another "
                              "--output_dir")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(meta, indent=1) + "\n")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _loop_config(args) -> tuple[TrainConfig, str]:
-    """The config file plus flags, with `reference` taken out: for a loop it says what rounds that start
-    from an adapter refer to, which a config cannot say for round 1 before there is an adapter."""
-    overrides = cli.config_overrides(args)
-    reference = overrides.pop("reference", None)
-    if reference is None and args.config and Path(args.config).is_file():
-        with contextlib.suppress(yaml.YAMLError, AttributeError):  # TrainConfig.load reports a bad file
-            reference = yaml.safe_load(Path(args.config).read_text()).get("reference")
-    reference = reference or "base"
-    if reference not in REFERENCES:
-        raise cli.UsageError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
-    config = TrainConfig.load(args.config, {**overrides, "reference": "base"})
-    if config.data:
-        raise cli.UsageError("`data` is made by the loop (each round's samples); remove it from the config")
-    return config, reference
-
-
-def main(argv: list[str]) -> int:
-    parser = cli.Parser("loop", __doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="a training config (YAML); `data` is made by each round")
-    parser.add_flag("rounds", type=int, required=True, help="number of rounds (a finished loop can be extended)")
-    parser.add_flag("prompts", required=True, help="training prompts (with reference answers for the judge)")
-    parser.add_flag("eval_prompts", required=True, help="held-out prompts for the accuracy of each round")
-    add_sampling_flags(parser, seed=False)
-    parser.add_flag("eval_n", type=int, help="samples per held-out prompt (default: --n)")
-    parser.add_flag("sample_batch_size", type=int, default=32, help="sequences generated together (default 32)")
-    add_judge_flags(parser, required=True)
-    parser.add_flag("eval_judge", metavar="SPEC", help="the judge of the held-out accuracy (default: --judge)")
-    parser.add_flag("learning_rate_decay", type=float, default=LEARNING_RATE_DECAY,
-                    help="round r trains at learning_rate x this^(r-1) (default 0.5; 1: the same rate every round)")
-    parser.add_config_fields(exclude=("data",))
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        config, reference = _loop_config(args)
-        if args.rounds < 1 or (args.eval_n is not None and args.eval_n < 1) or args.sample_batch_size < 1:
-            raise cli.UsageError("--rounds, --eval_n and --sample_batch_size must be at least 1")
-        if not 0 < args.learning_rate_decay <= 1:
-            raise cli.UsageError(f"--learning_rate_decay must be in (0, 1], got {args.learning_rate_decay}")
-        args.seed = config.seed
-        loop_args = LoopArgs(args.rounds, args.prompts, args.eval_prompts, sample_args(args),
-                             args.eval_n or args.n, args.sample_batch_size, args.eval_judge, reference,
-                             args.learning_rate_decay)
-        print(f"interval: {INTERVAL}")
-        try:
-            run_loop(config, loop_args)
-        except LoopStopped as e:
-            print(f"stopped: {e}")
-            return 130
-        print(f"rounds in {config.output_dir}/round-*/ (chat: python -m kto_lite chat --adapter "
-              f"{round_dir(config, args.rounds)})")
-        return 0
-
-    return cli.run(body)

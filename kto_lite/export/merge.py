@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .chat import adapter_base, check_adapter_dir, run_settings
+from kto_lite.data import load_data, tokenize
+from kto_lite.model import compute_dtype, keep_4bit_layout_trainable, load_adapter, load_base, load_tokenizer
+from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
 
 MERGE_FROM = ("quantized", "full")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -84,7 +86,6 @@ def merge_dtype(dtype: str = "auto", base: str | None = None) -> torch.dtype:
 
 
 def _tokenizer_for(adapter_dir: Path, base: str):
-    from .model import load_tokenizer
 
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     return load_tokenizer(str(adapter_dir) if has_tokenizer else base)
@@ -107,7 +108,6 @@ def load_full_base(base: str, dtype: torch.dtype):
 
 def load_trained(adapter_dir: str | Path, base: str | None = None):
     """The model as training left it: the base loaded as training did (4-bit or not) + the adapter, eval mode."""
-    from .model import keep_4bit_layout_trainable, load_adapter, load_base
 
     adapter_dir = check_adapter_dir(adapter_dir)
     base = base or adapter_base(adapter_dir)
@@ -214,7 +214,6 @@ def drift_rows(adapter_dir: str | Path, tokenizer, n: int = 8, max_length: int =
     Tokenized as training tokenized them (chat template, end-of-turn). [] when the run names no
     readable data file: the drift is then not measured.
     """
-    from .data import load_data, tokenize
 
     settings = run_settings(adapter_dir)
     path = settings.get("eval_data") or settings.get("data")
@@ -246,7 +245,6 @@ def token_logps(model, rows: list[tuple[list[int], int]]) -> list[torch.Tensor]:
 
     Computed in the training compute dtype (model.compute_dtype: fp32 on the CPU).
     """
-    from .model import compute_dtype
 
     if any(p.dtype in (torch.float16, torch.bfloat16, torch.float32) and p.dtype != compute_dtype()
            for p in model.parameters()) and not getattr(model, "is_loaded_in_4bit", False):

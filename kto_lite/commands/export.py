@@ -9,11 +9,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import cli
-from .chat import adapter_base, check_adapter_dir
-from .memory import format_bytes
-from .merge import DTYPES, MERGE_FROM
-from .model import resolve_model
+from kto_lite.commands import cli
+from kto_lite.errors import UnsupportedModel, UsageError
+from kto_lite.export import merge as m
+from kto_lite.export.adapter import estimate_merge_memory, load_snippet, save_merged, zip_adapter
+from kto_lite.export.gguf import QUANTS, architecture, base_config, read_metadata, write_gguf, write_lora_gguf
+from kto_lite.export.gguf_vocab import adds_special
+from kto_lite.export.merge import DTYPES, MERGE_FROM, drift_rows
+from kto_lite.export.modelfile import modelfile, write_modelfile
+from kto_lite.files import format_bytes
+from kto_lite.gguf_input import gguf_source
+from kto_lite.hub import check_hub_access, push_run, write_model_card
+from kto_lite.model import load_tokenizer, resolve_model
+from kto_lite.runs import adapter_base, check_adapter_dir
 
 DESCRIPTION = """Ship a trained adapter: a zip, a merged model, a GGUF file for llama.cpp / Ollama, the Hub.
 
@@ -27,7 +35,6 @@ examples:
 
 
 def parse_args(argv: list[str]):
-    from .export_gguf import QUANTS
 
     p = cli.Parser("export", DESCRIPTION)
     p.add_flag("adapter", required=True, metavar="DIR", help="a training run's output_dir (or any PEFT adapter folder)")
@@ -75,10 +82,9 @@ def main(argv: list[str]) -> int:
 
 def export(args) -> int:
     if not (args.zip or args.merge or args.gguf or args.gguf_lora or args.push_to_hub):
-        raise cli.UsageError("choose what to export: --zip, --merge, --gguf, --gguf_lora or --push_to_hub")
+        raise UsageError("choose what to export: --zip, --merge, --gguf, --gguf_lora or --push_to_hub")
     adapter = check_adapter_dir(args.adapter)
     if args.push_to_hub:
-        from .hub import check_hub_access
 
         check_hub_access(args.push_to_hub)  # before the slow part
     shipped: list[Path] = []
@@ -91,7 +97,6 @@ def export(args) -> int:
     elif args.gguf_lora:
         shipped = export_gguf_lora(adapter, args)
     if args.push_to_hub:
-        from .hub import push_run, write_model_card
 
         write_model_card(adapter)
         extra = [p for p in shipped if not (args.zip and p.suffix == ".zip")]  # a zip duplicates the folder
@@ -106,7 +111,6 @@ def export(args) -> int:
 
 
 def export_zip(adapter: Path, out: str, base: str | None) -> Path:
-    from .export import load_snippet, zip_adapter
 
     path = zip_adapter(adapter, out)
     print(f"wrote {path} ({format_bytes(path.stat().st_size)})\n\nload it (after unzipping):\n")
@@ -116,8 +120,6 @@ def export_zip(adapter: Path, out: str, base: str | None) -> Path:
 
 def merged_with_drift(adapter: Path, args, dtype: str):
     """Merge as asked, printing the merge chosen, the memory it needs and its drift from the trained model."""
-    from . import merge as m
-    from .export import estimate_merge_memory
 
     base = args.base or adapter_base(adapter)
     merge_from = m.resolve_merge_from(adapter, args.merge_from)
@@ -157,8 +159,6 @@ def _nats(x: float) -> str:
 
 
 def _drift_rows(adapter: Path, base: str, n: int) -> list:
-    from .merge import drift_rows
-    from .model import load_tokenizer
 
     if n <= 0:
         return []
@@ -171,7 +171,6 @@ def _drift_rows(adapter: Path, base: str, n: int) -> list:
 
 
 def export_merged(adapter: Path, args) -> Path:
-    from .export import load_snippet, save_merged
 
     out = Path(args.merge)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before the slow part
@@ -195,16 +194,12 @@ def ollama_name(adapter: Path) -> str:
 
 def _gguf_file(name: str | None) -> str | None:
     """The GGUF file a run was trained from (model: a .gguf file, or a folder holding one), else None."""
-    from .gguf_input import gguf_source
 
     found = gguf_source(str(name)) if name else None
     return str(found) if found is not None else None
 
 
 def export_gguf(adapter: Path, args) -> list[Path]:
-    from .export_gguf import architecture, base_config, write_gguf
-    from .gguf_vocab import adds_special
-    from .modelfile import modelfile, write_modelfile
 
     named = args.base or adapter_base(adapter, resolve=False)
     base = resolve_model(named)
@@ -227,9 +222,6 @@ def export_gguf(adapter: Path, args) -> list[Path]:
 
 
 def export_gguf_lora(adapter: Path, args) -> list[Path]:
-    from .export_gguf import UnsupportedModel, architecture, base_config, read_metadata, write_lora_gguf
-    from .model import load_tokenizer
-    from .modelfile import modelfile, write_modelfile
 
     named = args.base or adapter_base(adapter, resolve=False)
     base = resolve_model(named)
@@ -266,6 +258,5 @@ def export_gguf_lora(adapter: Path, args) -> list[Path]:
 
 
 def _gguf_adds_bos(path: str) -> bool:
-    from .export_gguf import read_metadata
 
     return bool(read_metadata(path).get("tokenizer.ggml.add_bos_token", False))

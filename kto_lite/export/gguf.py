@@ -15,8 +15,6 @@ The tokenizer goes in as metadata (gguf_vocab.py). Architectures: see ARCHITECTU
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import UsageError
+from kto_lite.errors import UnsupportedModel
+from kto_lite.export.gguf_vocab import add_tokenizer
+from kto_lite.files import atomic_path
 
 QUANTS = ("f16", "q8_0")
 
@@ -43,10 +43,6 @@ ARCHITECTURES = {
     "qwen2": Arch("qwen2"),
     "gemma2": Arch("gemma2", norm_plus_one=True),
 }
-
-
-class UnsupportedModel(UsageError):
-    """The model cannot be written as GGUF by kto_lite (an input problem: exit code 2)."""
 
 
 def architecture(config) -> Arch:
@@ -196,27 +192,13 @@ def _encode(w: torch.Tensor, quant: str):
 def _write(out: Path, fill) -> Path:
     """Write a GGUF through `fill(writer)` into a temporary sibling, then rename: never half a file at `out`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         writer = fill(tmp)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the user's file follows the umask
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_gguf(model, tokenizer, out: str | Path, *, quant: str = "f16", name: str | None = None,
@@ -226,7 +208,6 @@ def write_gguf(model, tokenizer, out: str | Path, *, quant: str = "f16", name: s
     quant: f16 (exact up to fp16 rounding) or q8_0 (8-bit blocks of 32, ~half the size).
     base_gguf: the GGUF the run was trained from; its tokenizer metadata is copied as it is.
     """
-    from .gguf_vocab import add_tokenizer
 
     if quant not in QUANTS:
         raise ValueError(f"quant {quant!r}: use one of {', '.join(QUANTS)}")

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .batching import collate, collate_shared
-from .logps import completion_logps, supports_packing
-from .model import has_reference_adapter, reference_mode
+from kto_lite.files import atomic_path
+from kto_lite.model import base_model, has_reference_adapter, reference_mode
+from kto_lite.training.batching import collate, collate_shared
+from kto_lite.training.logps import completion_logps, supports_packing
 
 REFERENCE_BATCH_MULTIPLIER = 2  # no-grad batches of 2 x batch_size: faster, and below the training peak
 
@@ -36,7 +37,7 @@ def model_fingerprint(model) -> str:
     and a hash of tensors would change under our feet. Adapters are not part of the reference.
     """
     h = hashlib.sha256()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     h.update(base.config.to_json_string(use_diff=False).encode())
     source = Path(base.config._name_or_path or "")
     if source.is_dir():
@@ -63,18 +64,19 @@ def sequences_fingerprint(sequences: Sequence[tuple[list[int], list[int]]]) -> s
 @torch.no_grad()
 def compute_reference_logps(
     model, sequences: Sequence[tuple[list[int], list[int]]], *, pad_token_id: int, batch_size: int,
-    desc: str = "reference log-probs", show_progress: bool = True, shared: bool = False, score=None,
+    desc: str = "reference log-probs", show_progress: bool = True, shared: bool = False, packed: bool | None = None,
+    score=None,
 ) -> torch.Tensor:
     """log pi_ref for each (prompt, completion) pair, (N,) float32 on CPU.
 
     score: rows -> log-probs, the module that runs the model (the trainer's policy module: under FSDP
     only its forward gathers the sharded weights); default `completion_logps` on `model`.
 
-    Sorted by length. On a model that takes padding-free rows (logps.supports_packing), each pass
-    packs consecutive sequences up to batch_size x the longest sequence's tokens: never more tokens
-    than the padded worst case (what memory.py budgets), and many short rows share one pass, so
-    there are fewer passes (each 4-bit layer dequantizes its weights once per pass). Otherwise
-    padded batches of batch_size rows.
+    Sorted by length. With padding-free rows (`packed`: the run's layout.RowLayout; None: where
+    logps.supports_packing), each pass packs consecutive sequences up to batch_size x the longest
+    sequence's tokens: never more tokens than the padded worst case (what memory.py budgets), and many
+    short rows share one pass, so there are fewer passes (each 4-bit layer dequantizes its weights once
+    per pass). Otherwise padded batches of batch_size rows.
 
     shared=True (a model where logps.supports_shared_prompts): each sequence is (prompt, [completion,
     ...]), all with the same number K of completions, scored after one copy of the prompt
@@ -83,7 +85,8 @@ def compute_reference_logps(
     device = next(model.parameters()).device
     lengths = [len(p) + (sum(map(len, c)) if shared else len(c)) for p, c in sequences]
     order = sorted(range(len(sequences)), key=lambda i: lengths[i])
-    packed = shared or (bool(sequences) and supports_packing(model))
+    if packed is None:
+        packed = shared or (bool(sequences) and supports_packing(model))
     # as many tokens as batch_size of the longest prompt+completion (shared: a prompt's trees pack to that too)
     budget = batch_size * max((len(p) + max(map(len, c), default=0) if shared else n
                                for (p, c), n in zip(sequences, lengths)), default=0)
@@ -113,7 +116,7 @@ def compute_reference_logps(
 def cached_reference_logps(
     model, sequences, *, pad_token_id: int, batch_size: int, cache_dir: Path | None, fingerprint: str,
     desc: str = "reference log-probs", show_progress: bool = True, world: int = 1, rank: int = 0,
-    shared: bool = False, score=None, split: bool = True,
+    shared: bool = False, packed: bool | None = None, score=None, split: bool = True,
 ) -> torch.Tensor:
     """compute_reference_logps, read from / written to `cache_dir` (None: no caching).
 
@@ -135,7 +138,7 @@ def cached_reference_logps(
     values = torch.zeros(shape, dtype=torch.float32)
     values[mine] = compute_reference_logps(model, [sequences[i] for i in mine], pad_token_id=pad_token_id,
                                            batch_size=batch_size, desc=desc, show_progress=show_progress,
-                                           shared=shared, score=score)
+                                           shared=shared, packed=packed, score=score)
     if world > 1 and split:
         import torch.distributed as dist
 
@@ -144,10 +147,8 @@ def cached_reference_logps(
         dist.all_reduce(values)  # each position is non-zero on exactly one process
         values = values.cpu()
     if path is not None and rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(values, tmp)
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        with atomic_path(path) as tmp:  # a concurrent reader never sees half a file
+            torch.save(values, tmp)
     return values
 
 

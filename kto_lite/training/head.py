@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError
+from kto_lite.errors import ConfigError
+from kto_lite.model import base_model, eval_mode, keep_4bit_layout_trainable, within_rounding
 
 BLOCK_BYTES = 2**27  # working memory of the head: (rows x vocab) logits and their companions, 128 MiB
 
@@ -53,10 +54,6 @@ def chunk_rows(vocab_size: int, *, half: bool = False, softcap: bool = False) ->
 
 class UnsupportedHead(ConfigError):
     """The model's logits are not what kto_lite's head computes from its hidden states."""
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @dataclass
@@ -161,7 +158,7 @@ class FrozenHeadLogps(torch.autograd.Function):
 
 def output_head(model) -> OutputHead:
     """The model's output head with its logit transform; checked against its forward on first use."""
-    base = _base(model)
+    base = base_model(model)
     config = base.config.get_text_config()
     scale = LOGIT_SCALES.get(config.model_type, lambda c: 1.0)(config)
     head = OutputHead(base.get_output_embeddings(), float(scale if scale is not None else 1.0),
@@ -178,21 +175,14 @@ def check_output_head(base, head: OutputHead) -> None:
     vocab = head.module.weight.shape[0]
     device = head.module.weight.device
     ids = (torch.arange(3, 11, device=device) * 7919 % vocab)[None]  # 8 arbitrary valid tokens, (1, 8)
-    from .model import keep_4bit_layout_trainable
 
     keep_4bit_layout_trainable(base)  # this eval no-grad pass must not repack 4-bit weights (model.py says why)
-    was_training = base.training
-    base.eval()  # no dropout: both passes see the same hidden states
-    try:
+    with eval_mode(base):  # no dropout: both passes see the same hidden states
         own = base(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)  # (1, 8, V)
         hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]  # (8, H)
         ours = head.logits(hidden).log_softmax(-1)
-    finally:
-        base.train(was_training)
-    half = head.module.weight.dtype in (torch.float16, torch.bfloat16)
-    tolerance = (3e-2 if half else 1e-4) * (1 + own.abs().max().item())
     error = (own[0] - ours).abs().max().item() if own.shape[-1] == ours.shape[-1] else float("inf")
-    if not error <= tolerance:
+    if not within_rounding(ours, own[0], half=head.module.weight.dtype in (torch.float16, torch.bfloat16)):
         raise UnsupportedHead(
             f"{type(base).__name__} (model_type {config_type(base)!r}) computes its logits differently from its "
             f"output layer: its own log-probs differ from log_softmax(lm_head(hidden)"

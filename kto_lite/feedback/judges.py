@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError
+from kto_lite.errors import UsageError
 
 REFERENCE_COLUMNS = ("answer", "reference", "target", "solution")
 BUILTIN = ("exact", "contains", "regex:PATTERN", "number", "python:MODULE:FUNCTION", "python:FILE.py:FUNCTION")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from . import cli
-from .data import CANONICAL
+from kto_lite.commands import cli
+from kto_lite.config import TrainConfig
+from kto_lite.data import CANONICAL, load_data, tokenize
+from kto_lite.errors import UsageError
+from kto_lite.model import load_tokenizer
 
 TOKENIZE_FIELDS = ["model", "revision", "trust_remote_code", "max_length", "max_prompt_length", "use_chat_template"]
 
@@ -22,28 +25,25 @@ def main(argv: list[str]) -> int:
 
 
 def report(args) -> int:
-    from .config import TrainConfig
-    from .data import load_data, tokenize
 
     column_map = {}
     for item in args.column:
         name, sep, canonical = item.partition("=")
         if not sep:
-            raise cli.UsageError(f"--column expects NAME=CANONICAL, got {item!r}")
+            raise UsageError(f"--column expects NAME=CANONICAL, got {item!r}")
         column_map[name.strip()] = canonical.strip()
     overrides = cli.config_overrides(args)
     if overrides and not overrides.get("model"):
-        raise cli.UsageError(f"--{next(iter(overrides))} needs --model: token lengths need the model's tokenizer")
+        raise UsageError(f"--{next(iter(overrides))} needs --model: token lengths need the model's tokenizer")
     examples, data_report = load_data(args.file, column_map or None)
     if overrides.get("model"):
-        from .model import load_tokenizer
 
         config = TrainConfig.from_dict(overrides, source="flags").resolved()
         try:
             tokenizer = load_tokenizer(config.model, revision=config.revision,
                                        trust_remote_code=config.trust_remote_code)
         except OSError as e:
-            raise cli.UsageError(f"cannot load a tokenizer from {config.model!r} ({e})") from e
+            raise UsageError(f"cannot load a tokenizer from {config.model!r} ({e})") from e
         tokenize(examples, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                  use_chat_template=config.use_chat_template, report=data_report)
     print(data_report.format())

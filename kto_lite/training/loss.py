@@ -6,6 +6,7 @@ a per-example sequence log-prob, i.e. the sum of log p(token) over the completio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,16 +19,25 @@ class KTOLossOutput(NamedTuple):
     kl: torch.Tensor  # () z0, the detached and clamped reference point
 
 
-def z0_estimate(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+def z0_estimate(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor, *, keep: torch.Tensor | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """z0 = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)]), detached (the reference point of eq. 7).
 
     y'_j is the completion of *another* example (a mismatched pair), so this is a cheap, biased
-    estimate of KL(pi || pi_ref). Shapes: (M,) and (M,) -> (). The trainer computes the same mean
-    over all processes (and, with kl_over_step, over all micro-batches of a step).
+    estimate of KL(pi || pi_ref). Shapes: (M,) and (M,) -> (). The one estimator of kto_lite:
+    - keep (M,) bool: the rows that count (the authors' code leaves out KL rows whose completion
+      max_length cut away entirely); None: all of them;
+    - the sum and the count are taken in float64 (never averaged in half precision), and `reduce`
+      (a sum over processes of a (2,) tensor) makes every process use the same z0;
+    - no KL row anywhere: z0 = 0.
     """
-    diff = (policy_kl_logps - reference_kl_logps).detach()
-    diff = diff.to(torch.promote_types(diff.dtype, torch.float32))  # never average in half precision
-    return diff.mean().clamp(min=0) if diff.numel() else diff.new_zeros(())
+    diff = (policy_kl_logps - reference_kl_logps).detach()  # (M,)
+    dtype = torch.promote_types(diff.dtype, torch.float32)  # the result: never half precision
+    diff = diff.double() if keep is None else diff.double()[keep]
+    total = torch.stack([diff.sum(), diff.new_tensor(diff.numel())])  # (2,) sum, count
+    if reduce is not None:
+        total = reduce(total)
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0).to(dtype)
 
 
 def kto_loss(

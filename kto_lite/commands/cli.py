@@ -23,12 +23,11 @@ from collections.abc import Callable
 
 import yaml
 
+from kto_lite.config import TrainConfig
+from kto_lite.errors import UserError
+
 EXIT_USAGE = 2  # a usage or input error: fix the command or the file
 EXIT_FAILURE = 1  # something failed while running
-
-
-class UsageError(ValueError):
-    """A command-line or input problem the user can fix; exits with EXIT_USAGE."""
 
 
 def yaml_value(text: str):
@@ -61,7 +60,6 @@ class Parser(argparse.ArgumentParser):
 
     def add_config_fields(self, names: list[str] | None = None, *, exclude: tuple[str, ...] = ()) -> None:
         """TrainConfig fields as flags (all of them by default). Unset flags stay out of the namespace."""
-        from .config import TrainConfig
 
         group = self.add_argument_group("config fields (YAML keys; see README, Configuration)")
         for f in dataclasses.fields(TrainConfig):
@@ -91,7 +89,6 @@ class Parser(argparse.ArgumentParser):
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The TrainConfig fields given on the command line (flags added by `add_config_fields`)."""
-    from .config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in names}
@@ -100,15 +97,12 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def run(main: Callable[[], int | None]) -> int:
     """Call a command's body and turn known exceptions into a message and an exit code.
 
-    ConfigError, DataError, UsageError, FileNotFoundError: exit 2 (the input is wrong). Any other
-    Exception: exit 1 (something failed while running). Ctrl-C: 130.
+    UserError (kto_lite.errors: usage, config, data, memory estimate), FileNotFoundError, FileExistsError:
+    exit 2 (the input is wrong). Any other Exception: exit 1 (something failed while running). Ctrl-C: 130.
     """
-    from .config import ConfigError
-    from .data_read import DataError
-
     try:
         return int(main() or 0)
-    except (ConfigError, DataError, UsageError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

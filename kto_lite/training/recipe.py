@@ -26,27 +26,37 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batching import Rows, collate, collate_shared, epoch_batches, kl_partners
-from .config import ConfigError, TrainConfig, resolve_optimizer
-from .data import TokenizedExample, load_data, tokenize
-from .data_report import complete_weights
-from .head import output_head
-from .hub import check_hub_access, push_run, write_model_card
-from .logps import PolicyLogps, completion_logps, supports_packing, supports_shared_prompts
-from .loss import kto_loss
-from .metrics import Meter, peak_memory_mb
-from .model import add_lora, choose_precision, load_base, load_tokenizer, no_grad_policy, reference_mode
-from .reference import (
+from kto_lite.config import TrainConfig, resolve_optimizer
+from kto_lite.data import TokenizedExample, load_data, tokenize
+from kto_lite.data.report import complete_weights
+from kto_lite.errors import ConfigError
+from kto_lite.hub import check_hub_access, push_run, write_model_card
+from kto_lite.model import (
+    add_lora,
+    choose_precision,
+    load_base,
+    load_tokenizer,
+    no_grad_policy,
+    reference_mode,
+)
+from kto_lite.runs import RunDir, load_checkpoint, prepare_output_dir, read_metrics
+from kto_lite.training.batching import Rows, collate, collate_shared, epoch_batches, kl_partners
+from kto_lite.training.fsdp import check_launch, parallel
+from kto_lite.training.head import output_head
+from kto_lite.training.layout import decide_layout
+from kto_lite.training.logps import PolicyLogps
+from kto_lite.training.loss import kto_loss, z0_estimate
+from kto_lite.training.metrics import Meter, peak_memory_mb
+from kto_lite.training.reference import (
     REFERENCE_BATCH_MULTIPLIER,
     cached_reference_logps,
     default_cache_dir,
     model_fingerprint,
 )
-from .run_dir import RunDir, load_checkpoint, prepare_output_dir, read_metrics
 
 OOM_ADVICE = ("out of GPU memory. Lower batch_size (and raise gradient_accumulation_steps to keep the "
               "effective batch), lower max_length / max_prompt_length, keep gradient_checkpointing and "
@@ -56,14 +66,6 @@ NONFINITE_ADVICE = ("the loss or the gradients were not finite for {n} steps in 
                     "GPU that has it), and check the data report for extreme rows.")
 MAX_SKIPPED_STEPS = 5  # non-finite steps in a row before the run stops
 MAX_SKIPPED_STEPS_FP16 = 20  # fp16's loss scaler halves its scale on each overflow: allow it to settle
-# share_prompts "auto" shares in training when prompts hold more than this many tokens per completion token
-# (by gradient_checkpointing): separate rows cost a forward+backward of prompt+completion plus a no-grad
-# forward of prompt+KL completion, shared rows a forward+backward of prompt+completion+KL completion (and,
-# with checkpointing, a recompute of it). Measured on SmolLM2-135M, shared / separate step time
-# (benchmarks/shared_prompts.py, docs/performance.md section 5): fp32 without checkpointing 0.79 at 7:1,
-# 0.90 at 3:1, 0.98 at 1.67:1, 1.04 at 1.21:1 (crossing at ~1.5:1); 4-bit with checkpointing 0.86 at 7:1,
-# 0.95 at 3:1, 1.06 at 1.67:1 (crossing at ~2.4:1)
-SHARE_PROMPT_RATIO = {False: 1.5, True: 2.4}
 
 
 # ====================================================================== data: examples + reference columns
@@ -161,7 +163,6 @@ class Recipe:
                                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                         attn_implementation=cfg.attn_implementation, fsdp=cfg.fsdp), cfg)
         output_head(self.model)  # a head that is not a (scaled / capped) linear layer is refused here, not trained wrong
-        self.packed = cfg.padding_free if cfg.padding_free is not None else supports_packing(self.model)
         self.pad_id = self.tokenizer.pad_token_id
 
         # the plan: every optimizer step's micro-batches, fixed before the first step
@@ -172,22 +173,24 @@ class Recipe:
         self.train_split.kl_partners = [self.pairing(self.train_split, e) for e in range(n_epochs)]
         if self.eval_split:
             self.eval_split.kl_partners = [self.pairing(self.eval_split, 0)]
-        self.share_reference, self.shared = self.prompt_sharing()
+        # padded, packed or shared rows: decided once (probing the unsharded model), for training and reference
+        self.layout = decide_layout(self.model, cfg, self.train_split.examples, self.train_split.kl_partners)
+        self.accelerator.print(f"rows: {self.layout.why}")
+        run.status("running", phase="loading model", layout=self.layout.to_dict())
         self.fingerprint = model_fingerprint(self.model)  # names the cached reference log-probs
 
         # every forward goes through one module: DDP must see the one that produces the graded log-probs, and
         # FSDP gathers the embeddings and the head (the root's weights) only inside the root's forward
         self.policy = PolicyLogps(self.model)
-        if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards
-            self.shard_fraction = shard(self.policy, self.model, self.precision)
+        self.parallel = parallel(cfg, self.accelerator)
+        self.parallel.shard(self.policy, self.model, self.precision)  # before the optimizer: it holds the shards
         # optimizer and schedule over the LoRA weights only
         self.optimizer = make_optimizer(self.model, cfg)
         warmup = int(cfg.warmup_ratio * len(self.steps))
         schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" and warmup else cfg.lr_scheduler_type
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=len(self.steps))
-        if not cfg.fsdp:  # DDP under a multi-process launch; the loss scaler for fp16
-            self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        self.policy, self.optimizer = self.parallel.prepare(self.policy, self.optimizer)
 
     @property
     def precision(self) -> str:
@@ -205,32 +208,6 @@ class Recipe:
                              f"{self.accelerator.num_processes} processes")
         return batches[self.accelerator.process_index :: self.accelerator.num_processes][:per_process]
 
-    def prompt_sharing(self) -> tuple[bool, bool]:
-        """(reference passes, training rows): whether an example and its KL rows are scored after one copy of
-        their common prompt (batching.collate_shared). Same numbers, less work: always in the no-grad reference
-        pass; in training where prompts are long enough to pay for the KL tokens joining the backward pass."""
-        cfg = self.config
-        if cfg.share_prompts is False or cfg.loss_type != "kto":
-            return False, False
-        supported = self.packed and supports_shared_prompts(self.model)
-        in_training = not cfg.kl_over_step  # the KL rows' log-probs come from the loss's forward, after z0 is needed
-        if cfg.share_prompts:
-            if not supported:
-                raise ConfigError("share_prompts: true needs padding-free rows through sdpa or eager attention "
-                                  f"(this model: padding_free {self.packed}, attention "
-                                  f"{self.model.get_base_model().config._attn_implementation}); leave it empty")
-            if not in_training:
-                raise ConfigError("share_prompts: true needs kl_over_step: false (the KL rows' log-probs come "
-                                  "from each micro-batch's training forward, not before the step); leave it empty")
-            return True, True
-        ex = self.train_split.examples
-        ratio = SHARE_PROMPT_RATIO[bool(cfg.gradient_checkpointing)]
-        prompt_heavy = sum(len(e.prompt_ids) for e in ex) > ratio * sum(len(e.completion_ids) for e in ex)
-        # and no shared row longer than max_length, the longest row `estimate` budgets memory for
-        fits = all(len(e.prompt_ids) + len(e.completion_ids) + len(ex[p[i]].completion_ids) <= cfg.max_length
-                   for p in self.train_split.kl_partners for i, e in enumerate(ex))
-        return supported, supported and in_training and prompt_heavy and fits
-
     def pairing(self, split: Split, epoch: int) -> list[int]:
         """Each example's KL partner: another example with a completion of similar length (a derangement,
         new every epoch unless kl_pairing is "fixed")."""
@@ -244,16 +221,15 @@ class Recipe:
         ex, cfg = split.examples, self.config
         kw = dict(pad_token_id=self.pad_id, batch_size=cfg.batch_size * REFERENCE_BATCH_MULTIPLIER,
                   cache_dir=default_cache_dir(), fingerprint=self.fingerprint, score=self.score,
-                  show_progress=self.show_progress, world=self.world, rank=self.rank)
-        if cfg.fsdp:  # each forward is a collective: every process runs the same passes (not a share of them)
-            kw["split"] = False
+                  show_progress=self.show_progress, world=self.world, rank=self.rank, packed=self.layout.packed,
+                  split=self.parallel.split_reference)
         pairings = []  # the distinct pairings (kl_pairing: fixed -- one for every epoch)
         for p in split.kl_partners if cfg.loss_type == "kto" else []:  # apo_zero_unpaired has no z0, no KL rows
             pairings += [] if p in pairings else [p]
         kl_completions = [[ex[p[i]].completion_ids[: cfg.max_length - len(e.prompt_ids)] for i, e in enumerate(ex)]
                           for p in pairings]
         with self.accelerator.autocast():
-            if self.share_reference and pairings:
+            if self.layout.shared_reference and pairings:
                 columns = cached_reference_logps(
                     self.model, [(e.prompt_ids, [e.completion_ids, *(kl[i] for kl in kl_completions)])
                                  for i, e in enumerate(ex)], desc="reference log-probs (examples and KL rows)",
@@ -272,12 +248,12 @@ class Recipe:
         ex, device, cfg = split.examples, self.accelerator.device, self.config
         prompts, completions = [ex[i].prompt_ids for i in indices], [ex[i].completion_ids for i in indices]
         kl_completions = [ex[split.kl_partners[epoch][i]].completion_ids for i in indices] if cfg.loss_type == "kto" else None
-        if self.shared:  # one row per prompt: [prompt | completion | KL completion]
+        if self.layout.shared_training:  # one row per prompt: [prompt | completion | KL completion]
             rows, kl_rows = collate_shared(prompts, [completions, kl_completions], cfg.max_length), None
         else:
-            rows = collate(prompts, completions, self.pad_id, packed=self.packed)
+            rows = collate(prompts, completions, self.pad_id, packed=self.layout.packed)
             kl_rows = collate(prompts, kl_completions, self.pad_id, cfg.max_length,
-                              packed=self.packed).to(device) if kl_completions else None
+                              packed=self.layout.packed).to(device) if kl_completions else None
         column = split.reference_logps
         return MicroBatch(
             rows=rows.to(device), kl_rows=kl_rows,
@@ -285,51 +261,56 @@ class Recipe:
             reference_logps=column[indices].to(device) if column is not None else None,
             reference_kl_logps=(split.reference_kl_logps[epoch][indices].to(device)
                                 if split.reference_kl_logps else None),
-            shared=self.shared)
+            shared=self.layout.shared_training)
 
     # ------------------------------------------------------------------ the pieces of a step
     def reference_logps(self, mb: MicroBatch, kl: bool = False) -> torch.Tensor:
         """(B,) log pi_ref of the examples (kl: of the KL rows): the precomputed column, or the same model with
-        its adapters off, no grad."""
+        its adapters off, no grad (kept in `mb`: on shared rows one pass gives both)."""
         cached = mb.reference_kl_logps if kl else mb.reference_logps
         if cached is not None:
             return cached
         with self.accelerator.autocast(), reference_mode(self.model):
             if mb.shared:
-                logps = self.score(mb.rows)
-                return logps[len(mb) :] if kl else logps[: len(mb)]
-            return self.score(mb.kl_rows if kl else mb.rows)
+                logps = self.score(mb.rows)  # (2B,): the examples, then their KL rows
+                mb.reference_logps, mb.reference_kl_logps = logps[: len(mb)], logps[len(mb) :]
+                return mb.reference_kl_logps if kl else mb.reference_logps
+            logps = self.score(mb.kl_rows if kl else mb.rows)
+        if kl:
+            mb.reference_kl_logps = logps
+        else:
+            mb.reference_logps = logps
+        return logps
 
     def score(self, rows: Rows) -> torch.Tensor:
-        """(n_sequences,) log-probs for the passes without grad: the model itself (no DDP bookkeeping), or under
-        FSDP the sharded policy module, whose forward alone gathers the root's weights."""
-        return self.policy(rows) if self.config.fsdp else completion_logps(self.model, rows)
+        """(n_sequences,) log-probs for the passes without grad (fsdp.py: which module runs them)."""
+        return self.parallel.score(self.policy, self.model, rows)
 
     def policy_logps(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B,) log pi(y|x) with grad; on shared-prompt rows also the KL rows' (B,), from the same forward, detached."""
         logps = self.policy(mb.rows)
         return (logps[: len(mb)], logps[len(mb) :].detach()) if mb.shared else (logps, None)
 
-    def kl_logratios(self, mb: MicroBatch, policy_kl_logps: torch.Tensor | None = None) -> torch.Tensor:
-        """(B',) log pi - log pi_ref of the KL rows that kept a completion token (they only feed the detached z0).
-        The policy's KL log-probs come from a no-grad pass here, unless the policy forward already gave them."""
+    def kl_logps(self, mb: MicroBatch, policy_kl_logps: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) log pi and (B,) log pi_ref of the KL rows, and (B,) which rows kept a completion token (they only
+        feed the detached z0). The policy's come from a no-grad pass here, unless the policy forward gave them."""
         if policy_kl_logps is None:
             with self.accelerator.autocast(), no_grad_policy(self.model):
                 policy_kl_logps = self.score(mb.kl_rows)
-        ratios = policy_kl_logps - self.reference_logps(mb, kl=True)
-        return ratios[mb.kl_completion_lengths() > 0]  # the authors' code skips empty KL rows
+        return policy_kl_logps, self.reference_logps(mb, kl=True), mb.kl_completion_lengths() > 0
 
     def z0(self, micro_batches: list[MicroBatch], policy_kl_logps: list | None = None) -> torch.Tensor:
-        """z0 = max(0, mean KL log-ratio) over these micro-batches and over all processes, detached (eq. 7).
+        """z0 (eq. 7, loss.z0_estimate) over these micro-batches and over all processes, detached.
         apo_zero_unpaired has no reference point: 0."""
         if self.config.loss_type != "kto":
             return torch.zeros((), device=self.accelerator.device)
         policy_kl_logps = policy_kl_logps or [None] * len(micro_batches)
-        ratios = torch.cat([self.kl_logratios(mb, kl) for mb, kl in zip(micro_batches, policy_kl_logps)]).double()
-        total = torch.stack([ratios.sum(), ratios.new_tensor(ratios.numel())])
-        if self.world > 1:
-            total = self.accelerator.reduce(total, "sum")  # every process uses the same z0 (DESIGN)
-        return (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
+        policy, reference, keep = (torch.cat(parts) for parts in zip(
+            *(self.kl_logps(mb, kl) for mb, kl in zip(micro_batches, policy_kl_logps))))
+        # every process uses the same z0 (docs/design.md): the sums and counts are added over all of them
+        reduce = partial(self.accelerator.reduce, reduction="sum") if self.world > 1 else None
+        return z0_estimate(policy, reference, keep=keep, reduce=reduce)
 
     @property
     def loss_settings(self) -> dict:
@@ -397,7 +378,7 @@ class Recipe:
         start = 0
         if resume_from is not None:
             start = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.accelerator, cfg,
-                                    load_whole=partial(load_gathered_training_state, self.model, self.optimizer))
+                                    self.parallel.load_training_state)
             run.truncate_metrics(after_step=start)
             self.accelerator.print(f"resuming from {resume_from} at step {start}")
         total = len(self.steps)
@@ -450,21 +431,20 @@ class Recipe:
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
-        whole = gathered_training_state(self.model, self.optimizer) if self.config.fsdp else None  # every process
+        whole = self.parallel.gathered_training_state(self.model, self.optimizer)  # every process takes part
         self.run.save_checkpoint(step, self.model, self.optimizer, self.scheduler, self.accelerator, self.config,
                                  whole=whole)
 
     def finish(self, state: str, step: int, started: float, reference_seconds: float, tokens: int) -> dict:
         self.accelerator.wait_for_everyone()
-        adapter = gathered_adapter(self.model) if self.config.fsdp else None  # every process takes part
+        adapter = self.parallel.gathered_adapter(self.model)  # every process takes part
         if self.accelerator.is_main_process:
             self.model.save_pretrained(self.run.path, selected_adapters=["default"], state_dict=adapter)
         seconds = time.perf_counter() - started
         timing = {"reference_seconds": round(reference_seconds, 3),
                   "train_seconds": round(seconds - reference_seconds, 3), "tokens": tokens,
-                  "shared_prompts": {"reference": self.share_reference, "training": self.shared}}
-        if self.config.fsdp:
-            timing["fsdp_weights_per_process"] = round(self.shard_fraction, 4)
+                  "shared_prompts": {"reference": self.layout.shared_reference, "training": self.layout.shared_training},
+                  **self.parallel.timing()}
         message = "" if state == "finished" else f"stopped at step {step}; resume with --resume_from_checkpoint true"
         self.run.status(state, phase=state, step=step, message=message, timing=timing)
         return {"state": state, "step": step, "total_steps": len(self.steps), "seconds": seconds}
@@ -481,15 +461,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     accelerator = Accelerator(  # cpu=True lets `torchrun` on a CPU-only machine use gloo
         mixed_precision=precision, cpu=not torch.cuda.is_available(),
         log_with=None if config.report_to == "none" else config.report_to, project_dir=config.output_dir)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError("launch without accelerate's FSDP plugin and set fsdp: true in the training config: "
-                          "kto_lite shards the 4-bit model itself (docs/multi_gpu.md)")
-    if config.fsdp and accelerator.num_processes == 1:
-        raise ConfigError("fsdp shards the model across the processes of a multi-process launch; start it with "
-                          "torchrun --nproc_per_node N -m kto_lite train ... (N >= 2), or leave fsdp off")
-    if config.fsdp and precision == "fp16":
-        raise ConfigError("fsdp needs bf16 or fp32 compute (mixed_precision: bf16, or no); this GPU computes in "
-                          "fp16 (no bf16 before compute capability 8.0): train without fsdp")
+    check_launch(config, accelerator, precision)
     resume_from = _prepare_output_dir(config, accelerator)
     run = RunDir(config.output_dir, main=accelerator.is_main_process)
     recipe = Recipe(config, accelerator, run, show_progress)
@@ -593,57 +565,6 @@ def summary(output_dir: Path, result: dict) -> str:
         lines.append(f"  resume         python -m kto_lite train {output_dir / 'config.yaml'} "
                      f"--resume_from_checkpoint true")
     return "\n".join(lines)
-
-
-def shard(policy: PolicyLogps, model, precision: str) -> float:
-    """FSDP (torch's fully_shard, FSDP2): each decoder layer is one unit, gathered for its forward and backward
-    only. Untied, frozen embeddings and head are a unit each, gathered only while they compute: neither
-    backward needs their weights (head.py saves the head's gradient in forward and gathers the head
-    itself). The rest (final norm; tied embeddings and head) belongs to the policy module, the root. The
-    4-bit weights are stored in the compute dtype (load_base(fsdp=True)); bf16 compute gathers everything
-    in bf16 and reduces gradients in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    options = {}
-    if precision == "bf16":
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    base = model.get_base_model()
-    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
-    frozen = not any(p.requires_grad for p in embeddings.parameters()) and output_head(model).frozen_linear
-    for layer in base.get_decoder().layers:
-        fully_shard(layer, **options)
-    if frozen and head.weight is not embeddings.weight:  # (LoRA on either: they stay in the root)
-        for module in (embeddings, head):
-            fully_shard(module, **options)
-            module.set_unshard_in_backward(False)
-    fully_shard(policy, **options)
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
-    return local / sum(p.numel() for p in policy.parameters())  # the share of the weights this process holds
-
-
-def gathered_adapter(model) -> dict[str, torch.Tensor]:
-    """The trained adapter's weights, whole, from their FSDP shards (a collective: every process calls it)."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in model.named_parameters() if "lora_" in name and ".default." in name}
-
-
-def gathered_training_state(model, optimizer) -> dict:
-    """{"adapter", "optimizer"}: the trained weights by parameter name and their optimizer state, whole, from
-    the FSDP shards, for a checkpoint (a collective: every process calls it; only the main one gets the
-    optimizer state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"adapter": gathered_adapter(model), "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
-
-
-def load_gathered_training_state(model, optimizer, state: dict) -> None:
-    """The inverse of `gathered_training_state` on a sharded model: each process keeps its shards of the whole
-    tensors (every process reads the checkpoint)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=state["adapter"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def make_optimizer(model, config: TrainConfig):

@@ -26,20 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kto_lite.errors import DataError
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 _WS = re.compile(r"\s*")
-
-
-class DataError(ValueError):
-    """Data that cannot be used. The message names the file, the 1-based row and the offending value.
-
-    `path`, `row` and `value` are also kept as attributes (None when they do not apply) so that the app
-    can point at the problem.
-    """
-
-    def __init__(self, message: str, *, path: str | None = None, row: int | None = None, value: Any = None):
-        super().__init__(message)
-        self.path, self.row, self.value = path, row, value
 
 
 @dataclass

@@ -15,10 +15,12 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+import yaml
 
-from .config import ConfigError, TrainConfig
+from kto_lite.config import TrainConfig
+from kto_lite.errors import ConfigError
+from kto_lite.files import write_text
+from kto_lite.model import resolve_model
 
 STATES = ("running", "finished", "stopped", "failed")
 FEEDBACK_FILE = "feedback.jsonl"  # rated replies (chat, Rate tab) for the next round, inside a run folder
@@ -59,6 +61,52 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir) / "checkpoints"
     found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+# ---------------------------------------------------------------------- what a run folder says
+# What a zip (and a Hub upload) holds: the adapter, its tokenizer, and the run's record. Not
+# checkpoints/ (optimizer state, several times the adapter's size), not the feedback or any data file.
+ZIP_PATTERNS = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",  # peft
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*",
+    "merges.txt", "*.model", "generation_config.json",  # tokenizer
+    "config.yaml", "metrics.jsonl", "data_report.json", "status.json",  # the run
+)
+
+
+def run_files(adapter_dir: Path) -> list[Path]:
+    """The files of a run that are shipped (ZIP_PATTERNS), sorted."""
+    return sorted(p for p in adapter_dir.iterdir() if p.is_file() and any(fnmatch(p.name, g) for g in ZIP_PATTERNS))
+
+
+def run_settings(adapter_dir: str | Path) -> dict:
+    """The run's config.yaml next to the adapter ({} when there is none): model, load_in_4bit, ..."""
+    path = Path(adapter_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    values = yaml.safe_load(path.read_text())
+    return values if isinstance(values, dict) else {}
+
+
+def adapter_base(adapter_dir: str | Path, *, resolve: bool = True) -> str:
+    """The base model an adapter was trained on: config.yaml's `model`, else adapter_config.json's.
+
+    resolve: what `from_pretrained` loads (a GGUF file's converted folder, the demo model for none);
+    False: the name as the run gave it (e.g. the .gguf path itself)."""
+    base = run_settings(adapter_dir).get("model")
+    if not base:
+        config = Path(adapter_dir) / "adapter_config.json"
+        if config.is_file():
+            base = json.loads(config.read_text()).get("base_model_name_or_path")
+    return resolve_model(base) if resolve else base
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        hint = " (training may still be running, or it stopped before saving)" if path.is_dir() else ""
+        raise FileNotFoundError(f"{path}: no adapter here: adapter_config.json is missing{hint}")
+    return path
 
 
 # What a run writes before it has a checkpoint: a folder holding only these may be replaced.
@@ -123,7 +171,7 @@ class RunDir:
         assert state in STATES, state
         self._status.update(fields, status=state, pid=os.getpid(), updated=time.time())
         if self.main:
-            _atomic_write(self.path / "status.json", json.dumps(self._status, indent=1))
+            write_text(self.path / "status.json", json.dumps(self._status, indent=1))
 
     def log(self, metrics: dict) -> None:
         if self.main:
@@ -134,7 +182,7 @@ class RunDir:
         """On resume: forget lines logged after the checkpoint, they will be logged again."""
         if self.main:
             rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
-            _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self, step: int, model, optimizer, scheduler, accelerator, config: TrainConfig,
                         whole: dict | None = None) -> None:
@@ -179,12 +227,11 @@ def check_resumable(folder: Path, config: TrainConfig) -> None:
                           + "; ".join(changed) + ". Resume with the run's own config.yaml, or start a new run.")
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, config: TrainConfig,
-                    load_whole=None) -> int:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, config: TrainConfig, load_state) -> int:
     """Restore adapter weights, optimizer, schedule, loss scaler and RNG from a checkpoint; returns its step.
 
-    load_whole(state): how an FSDP run (config.fsdp; check_resumable keeps it the checkpoint's) shards the
-    whole adapter and optimizer state back (train.load_gathered_training_state)."""
+    load_state(model, optimizer, folder, state): how this launch takes the adapter and optimizer state back
+    (training/fsdp.py: from the adapter file, or each process its shards of the gathered state)."""
     check_resumable(folder, config)
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     processes = trainer_state.get("processes", accelerator.num_processes)  # older checkpoints: not recorded
@@ -194,11 +241,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator, conf
                           f"one has {accelerator.num_processes}, and the step plan deals micro-batches to processes. "
                           f"Resume with {launch}.")
     state = torch.load(folder / "training_state.pt", weights_only=False)
-    if config.fsdp:
-        load_whole(state)
-    else:
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
+    load_state(model, optimizer, folder, state)
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -219,8 +262,3 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)  # readers (the app) never see half a file

@@ -45,9 +45,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kto_lite.data_read import DataError
-from kto_lite.data_report import DataReport, length_stats
-from kto_lite.examples import Example, TokenizedExample
+from kto_lite.data.examples import Example, TokenizedExample
+from kto_lite.data.report import DataReport, length_stats
+from kto_lite.errors import DataError
 
 NO_COMPLETION_LEFT = "no completion token left after truncation"
 TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}  # see "Dates" above
@@ -96,7 +96,7 @@ def tokenize(
     texts = [_texts(ex, tokenizer, c, where) for ex, c in zip(examples, chat)]
     prompt_ids = _encode_each(tokenizer, [t[0] for t in texts], chat)
     whole_ids = _encode_each(tokenizer, [t[1] for t in texts], chat)
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = set(stop_token_ids(tokenizer))
 
     out: list[TokenizedExample] = []
     tally = _Tally()
@@ -259,17 +259,21 @@ def _encode_each(tokenizer: Any, texts: list[str], chat: list[bool]) -> list[lis
     return out
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """EOS and the special tokens a template may end a turn with (<|im_end|>, <|eot_id|>, ...).
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """The tokens that end an assistant turn: EOS, the special tokens a template may end a turn with
+    (<|im_end|>, <|eot_id|>, ...) and the model's own generation EOS (`generation_config`, where given).
 
-    A trained completion ends at the first of them; generation should stop at them too (a GGUF's
-    config may name only <|endoftext|> as EOS while the template ends turns with <|end|>)."""
+    The one rule for training and generation: a trained completion ends at the first of them, and
+    generation stops at them (a GGUF's config may name only <|endoftext|> as EOS while the template
+    ends turns with <|end|>)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids = {i for i, token in decoder.items() if getattr(token, "special", False)} | set(
         tokenizer.all_special_ids
     )
     ids -= {tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id}  # they end nothing
-    return (ids | {tokenizer.eos_token_id}) - {None}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, list | tuple) else {eos}
+    return sorted((ids | {tokenizer.eos_token_id}) - {None})
 
 
 def _with_stop(ids: list[int], tokenizer: Any, stop_ids: set[int]) -> list[int]:

@@ -17,17 +17,13 @@ import weakref
 
 import torch
 
-from .batching import Rows, collate, collate_shared
-from .head import output_head
-from .packing import SEGMENT_PREFIX, efficient_packing, segment_masks, use_segment_attention
+from kto_lite.model import base_model, eval_mode, within_rounding
+from kto_lite.training.batching import Rows, collate, collate_shared
+from kto_lite.training.head import output_head
+from kto_lite.training.packing import SEGMENT_PREFIX, efficient_packing, segment_masks, use_segment_attention
 
 _packing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed == padded on it
 _sharing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> shared prompts == alone
-
-
-def _base_model(model):
-    """The transformers *ForCausalLM under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _hidden_states(base, rows: Rows) -> torch.Tensor:
@@ -60,7 +56,7 @@ def completion_logps(model, rows: Rows, chunk_size: int | None = None) -> torch.
     A token is predicted from the position before it, in the same sequence (`predictors`): the first
     token of a sequence (and, packed, the first of each) is never scored.
     """
-    base = _base_model(model)
+    base = base_model(model)
     head = output_head(base)  # raises UnsupportedHead for a head we would get wrong
     hidden = _hidden_states(base, rows)  # (B, T, H)
     predictor = predictors(rows)  # (B, T)
@@ -79,7 +75,7 @@ def supports_packing(model) -> bool:
     model on two short random sequences, packed against each alone (a model that ignores
     position_ids, or builds its mask another way, gets the padded path).
     """
-    base = _base_model(model)
+    base = base_model(model)
     if base not in _packing_checked:
         impl = use_segment_attention(base) if base.config._attn_implementation in ("sdpa", "eager") else (
             base.config._attn_implementation)
@@ -94,18 +90,32 @@ def _random_tokens(base, *groups) -> list[list[list[int]]]:
     return [[torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths] for lengths in groups]
 
 
+# What a model's code raises when it cannot take a layout (it reshapes the mask itself, its attention does not
+# forward position_ids, shapes that do not broadcast): "unsupported", so the probe falls back. Out of memory is
+# none of these: it is re-raised (`_is_out_of_memory`), never mistaken for "unsupported".
+UNSUPPORTED = (TypeError, AttributeError, IndexError, KeyError, ValueError, NotImplementedError, RuntimeError)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
 @torch.no_grad()
 def _in_both_layouts(base, together, alone) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(together(), alone()) computed in eval mode without grad; None where the model's code cannot take
     the combined layout (e.g. it reshapes the mask itself)."""
-    was_training = base.training
-    base.eval()
-    try:
-        return together(), alone()
-    except (TypeError, AttributeError, IndexError, ValueError, RuntimeError):
-        return None
-    finally:
-        base.train(was_training)
+    with eval_mode(base):
+        try:
+            return together(), alone()
+        except UNSUPPORTED as e:
+            if _is_out_of_memory(e):
+                raise
+            return None
+
+
+def attention_implementation(model) -> str:
+    """The model's attention kernel as transformers names it (kto_lite's segment wrappers named by what they wrap)."""
+    return base_model(model).config._attn_implementation.removeprefix(SEGMENT_PREFIX)
 
 
 def _packed_equals_separate(base) -> bool:
@@ -117,9 +127,7 @@ def _packed_equals_separate(base) -> bool:
     if both is None:
         return False
     packed, alone = both
-    half = packed.dtype in (torch.float16, torch.bfloat16)
-    tolerance = (3e-2 if half else 1e-4) * (1 + alone.abs().max().item())
-    return bool((packed.float() - alone.float()).abs().max() <= tolerance)
+    return within_rounding(packed, alone, half=packed.dtype in (torch.float16, torch.bfloat16))
 
 
 def supports_shared_prompts(model) -> bool:
@@ -129,7 +137,7 @@ def supports_shared_prompts(model) -> bool:
     prompt-and-own-completion mask; flash and flex attention take transformers' packed path, which
     would not. Checked once per model on short random sequences, each completion against itself alone.
     """
-    base = _base_model(model)
+    base = base_model(model)
     if base not in _sharing_checked:
         _sharing_checked[base] = (supports_packing(base) and base.config._attn_implementation.startswith(SEGMENT_PREFIX)
                                   and _shared_equals_separate(base))
@@ -145,8 +153,7 @@ def _shared_equals_separate(base) -> bool:
     if both is None:
         return False
     shared, alone = both
-    half = shared.dtype in (torch.float16, torch.bfloat16) or base.dtype in (torch.float16, torch.bfloat16)
-    return bool(((shared - alone).abs() <= (3e-2 if half else 1e-4) * (1 + alone.abs())).all())
+    return within_rounding(shared, alone, half=base.dtype in (torch.float16, torch.bfloat16))
 
 
 class PolicyLogps(torch.nn.Module):
