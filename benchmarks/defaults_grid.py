@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from kto_lite.config import TrainConfig  # noqa: E402
 from kto_lite.feedback.evaluate import evaluate_one  # noqa: E402
 from kto_lite.feedback.sample import SampleArgs, sample_to_file  # noqa: E402
-from kto_lite.feedback.sampling import load_models, model_spec, read_prompts  # noqa: E402
+from kto_lite.generation import load_models, model_spec, read_prompts  # noqa: E402
 from kto_lite.runs import read_metrics  # noqa: E402
 
 Z95 = 1.959963984540054
@@ -97,7 +97,7 @@ def prepare(args, task, model: str) -> dict:
     summary = sample_to_file(loaded, None, train_prompts, work / "feedback.jsonl", sampling)
     sample_seconds = time.perf_counter() - start
     evaluation = SampleArgs(n=args.eval_n, seed=args.eval_seed, judge=task.JUDGE, **task.SAMPLING)
-    from kto_lite.feedback.judges import make_judge
+    from kto_lite.judges import make_judge
 
     start = time.perf_counter()
     result, rows = evaluate_one(loaded, None, eval_prompts, make_judge(task.JUDGE), evaluation)
@@ -115,7 +115,7 @@ def prepare(args, task, model: str) -> dict:
 
 
 def run_cell(args, task, model: str, base: dict, lr: float, beta: float, weights: str) -> dict:
-    from kto_lite.feedback.judges import make_judge
+    from kto_lite.judges import make_judge
     from kto_lite.training.recipe import train
 
     work = Path(args.workdir)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import demo_task as task  # noqa: E402
 
 from kto_lite.demo import DEMO_DATA_DIR, DEMO_MODEL_DIR  # noqa: E402
-from kto_lite.feedback.sampling import generate_samples  # noqa: E402
+from kto_lite.generation import generate_samples  # noqa: E402
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]

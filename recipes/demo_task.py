@@ -110,7 +110,7 @@ def reversed_judge(prompt: str, completion: str) -> bool:
 
 def accuracy(model, tokenizer, prompts: list[str], *, seed: int = 0, temperature: float = 1.0) -> float:
     """Share of `prompts` whose one sample (kto_lite's seeded sampler, SAMPLING) the judge accepts."""
-    from kto_lite.feedback.sampling import generate_samples
+    from kto_lite.generation import generate_samples
 
     settings = {**SAMPLING, "temperature": temperature}
     samples = generate_samples(model, tokenizer, prompts, n=1, seed=seed, batch_size=64, **settings)

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
-from kto_lite.feedback.judges import make_judge
-from kto_lite.feedback.sampling import generate_samples
+from kto_lite.generation import generate_samples
+from kto_lite.judges import make_judge
 from kto_lite.model import keep_4bit_layout_trainable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))

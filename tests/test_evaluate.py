@@ -10,7 +10,7 @@ import pytest
 
 from kto_lite.commands.evaluate import main as evaluate_main
 from kto_lite.demo import DEMO_MODEL_DIR
-from kto_lite.feedback.evaluate import clustered_interval, wilson_interval
+from kto_lite.judges import clustered_interval, wilson_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import demo_task  # noqa: E402

@@ -3,7 +3,7 @@
 import pytest
 
 from kto_lite.errors import UsageError
-from kto_lite.feedback.judges import JudgeError, JudgeSpecError, apply_judge, last_number, make_judge
+from kto_lite.judges import JudgeError, JudgeSpecError, apply_judge, last_number, make_judge
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 

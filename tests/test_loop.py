@@ -28,7 +28,7 @@ from kto_lite.demo import DEMO_MODEL_DIR
 from kto_lite.errors import UsageError
 from kto_lite.feedback.loop import LoopArgs, run_loop
 from kto_lite.feedback.sample import SampleArgs
-from kto_lite.feedback.sampling import model_spec
+from kto_lite.generation import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kto_lite.feedback.judges import make_judge
-from kto_lite.feedback.sampling import read_prompts
+from kto_lite.generation import read_prompts
+from kto_lite.judges import make_judge
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "real_task.py"
 

@@ -14,7 +14,7 @@ import pytest
 from kto_lite.commands.sample import main as sample_main
 from kto_lite.data import load_data
 from kto_lite.demo import DEMO_MODEL_DIR
-from kto_lite.feedback.sampling import generate_samples, load_models, model_spec, read_prompts, row_seed
+from kto_lite.generation import generate_samples, load_models, model_spec, read_prompts, row_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))

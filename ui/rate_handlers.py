@@ -5,8 +5,8 @@
    completion, is dropped). The file's other columns (a reference answer) are kept for a judge.
 2. `ChatModel.sample` answers each prompt n times in one batch, with the Chat tab's loaded model
    (chat_handlers.get_chat_model: one copy of the weights, adapters on), seeded as
-   `python -m kto_lite sample` seeds (kto_lite.feedback.sampling).
-3. Each answer is rated with the thumbs under it, or by a judge (`kto_lite.feedback.judges`) for those not
+   `python -m kto_lite sample` seeds (kto_lite.generation).
+3. Each answer is rated with the thumbs under it, or by a judge (`kto_lite.judges`) for those not
    rated by hand. Saving appends the rated answers to the run's feedback file, in the same rows the
    Chat tab's thumbs write (`kto_lite.feedback.chat.append_feedback`); the Data tab lists that file.
 4. "Train the next round" starts `python -m kto_lite train` with the run's own settings at half its
@@ -32,7 +32,7 @@ from . import chat_handlers as ch
 from . import form, jobs
 from . import handlers as h
 
-# Judges offered in the dropdown (any spec kto_lite.feedback.judges accepts can be typed in), and the demo
+# Judges offered in the dropdown (any spec kto_lite.judges accepts can be typed in), and the demo
 # task's judge when the recipes folder is there (a source checkout).
 JUDGES = [("exact: the answer equals the reference column", "exact"),
           ("contains: the answer contains the reference", "contains"),
@@ -48,11 +48,11 @@ NO_FILE = ""  # the shipped-file dropdown's "use the typed prompts" choice
 def read_prompts(path: str | Path) -> tuple[list[dict], list[str]]:
     """({"prompt", "row", "row_index"} per distinct prompt, in file order; the file's columns).
 
-    `kto_lite.feedback.sampling.read_prompts` reads the file (DataError on a bad row); a prompt asked in several
+    `kto_lite.generation.read_prompts` reads the file (DataError on a bad row); a prompt asked in several
     rows (a feedback file rates each prompt more than once) is asked once. `row_index` is the prompt's row
     position: it seeds the answers as `python -m kto_lite sample` seeds that row's samples.
     """
-    from kto_lite.feedback.sampling import read_prompts as read_prompt_file
+    from kto_lite.generation import read_prompts as read_prompt_file
 
     found = read_prompt_file(path)
     prompts, seen = [], set()
@@ -178,7 +178,7 @@ def judge_answers(batch: dict | None, spec: str, reference_column: str, threshol
 
     `threshold` (text; empty: none) turns a python judge's score into a label (score >= threshold).
     """
-    from kto_lite.feedback.judges import JudgeSpecError, apply_judge, make_judge
+    from kto_lite.judges import JudgeSpecError, apply_judge, make_judge
 
     if not batch or not batch["items"]:
         return gr.skip(), "Generate some answers first.", gr.skip()

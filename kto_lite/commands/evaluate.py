@@ -19,9 +19,10 @@ from kto_lite.commands.sample import (
     sample_args,
     spec_from_args,
 )
-from kto_lite.feedback.evaluate import INTERVAL, evaluate_one, format_table
+from kto_lite.feedback.evaluate import evaluate_one, format_table
 from kto_lite.feedback.sample import build_judge
-from kto_lite.feedback.sampling import load_models, read_prompts
+from kto_lite.generation import load_models, read_prompts
+from kto_lite.judges import INTERVAL
 
 
 def main(argv: list[str]) -> int:

@@ -17,8 +17,8 @@ from kto_lite.commands import cli
 from kto_lite.commands.sample import add_judge_flags, add_sampling_flags, sample_args
 from kto_lite.config import REFERENCES, TrainConfig
 from kto_lite.errors import UsageError
-from kto_lite.feedback.evaluate import INTERVAL
 from kto_lite.feedback.loop import LEARNING_RATE_DECAY, LoopArgs, LoopStopped, round_dir, run_loop
+from kto_lite.judges import INTERVAL
 
 
 def _loop_config(args) -> tuple[TrainConfig, str]:

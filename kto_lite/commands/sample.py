@@ -11,7 +11,7 @@ Samples the judge could not label go to <out stem>.failed.jsonl with the reason 
 
 Resumable: the samples of each prompt are appended as soon as they are done. An interrupted run
 keeps them; the same command continues after the last complete prompt, and gives the same file as an
-uninterrupted run (sampling.py: every sample is seeded on its own). <out stem>.meta.json records the
+uninterrupted run (kto_lite/generation.py: every sample is seeded on its own). <out stem>.meta.json records the
 arguments that decide the samples; a rerun with different ones is refused, never overwritten.
 """
 
@@ -22,7 +22,6 @@ from pathlib import Path
 from kto_lite.commands import cli
 from kto_lite.config import TrainConfig
 from kto_lite.errors import UsageError
-from kto_lite.feedback.judges import REFERENCE_COLUMNS
 from kto_lite.feedback.sample import (
     SampleArgs,
     build_judge,
@@ -31,7 +30,8 @@ from kto_lite.feedback.sample import (
     sample_meta,
     sample_to_file,
 )
-from kto_lite.feedback.sampling import LOAD_OPTIONS, ModelSpec, load_models, model_spec, read_prompts
+from kto_lite.generation import LOAD_OPTIONS, ModelSpec, load_models, model_spec, read_prompts
+from kto_lite.judges import REFERENCE_COLUMNS
 
 
 def add_sampling_flags(parser: cli.Parser, *, n_default: int = 4, seed: bool = True) -> None:

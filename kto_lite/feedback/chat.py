@@ -29,7 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from kto_lite.data import encode_prompt
 from kto_lite.data.tokenize import stop_token_ids
-from kto_lite.feedback.sampling import generate_samples
+from kto_lite.generation import generate_samples
 from kto_lite.model import load_adapter, load_base, load_tokenizer, resolve_model
 from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
 
@@ -148,7 +148,7 @@ class ChatModel:
     def sample(self, messages: list[dict], n: int = 1, *, use_adapter: bool = True, max_new_tokens: int = 256,
                temperature: float = 0.7, top_p: float = 1.0, system_prompt: str | None = None, seed: int = 0,
                index: int = 0) -> list[str]:
-        """`n` independent replies to one conversation, in one batch (`kto_lite.feedback.sampling.generate_samples`).
+        """`n` independent replies to one conversation, in one batch (`kto_lite.generation.generate_samples`).
 
         Reply j draws from its own generator seeded from (seed, index, j), so the replies are those
         `python -m kto_lite sample --seed SEED` gives for a prompt at position `index` of its file.

@@ -35,7 +35,6 @@ import yaml
 from kto_lite.config import TrainConfig
 from kto_lite.errors import UsageError
 from kto_lite.feedback.evaluate import evaluate_one
-from kto_lite.feedback.judges import Judge
 from kto_lite.feedback.sample import (
     SampleArgs,
     build_judge,
@@ -43,7 +42,8 @@ from kto_lite.feedback.sample import (
     side_files,
     summarize,
 )
-from kto_lite.feedback.sampling import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
+from kto_lite.generation import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
+from kto_lite.judges import Judge
 from kto_lite.runs import checkpoints, read_status
 from kto_lite.training import recipe
 

@@ -7,7 +7,7 @@ Samples the judge could not label go to <out stem>.failed.jsonl with the reason 
 
 Resumable: the samples of each prompt are appended as soon as they are done. An interrupted run
 keeps them; the same call continues after the last complete prompt, and gives the same file as an
-uninterrupted run (sampling.py: every sample is seeded on its own). <out stem>.meta.json records the
+uninterrupted run (kto_lite/generation.py: every sample is seeded on its own). <out stem>.meta.json records the
 arguments that decide the samples; a rerun with different ones is refused, never overwritten.
 The command line is kto_lite/commands/sample.py.
 """
@@ -24,14 +24,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kto_lite.errors import UsageError
-from kto_lite.feedback.judges import REFERENCE_COLUMNS, Judge, apply_judge, make_judge
-from kto_lite.feedback.sampling import (
+from kto_lite.files import write_text
+from kto_lite.generation import (
     Loaded,
     ModelSpec,
     Prompts,
     generate_samples,
 )
-from kto_lite.files import write_text
+from kto_lite.judges import REFERENCE_COLUMNS, Judge, apply_judge, make_judge
 
 EXAMPLE_CHARS = 160
 INFORMATIONAL = ("adapter", "prompts")  # paths, spelled in many ways: their contents' hashes are compared  # how much of an example prompt and answer the summary shows
