@@ -19,10 +19,10 @@ fp16 with loss scaling everywhere), one child process:
 Then, where TRL is installed, bench_vs_trl.py on the qwen2.5-0.5b preset (kto_lite pieces, TRL
 KTOTrainer, kto_lite's SFT step), and, unless --no-fsdp and with 2+ GPUs, `torchrun -m kto_lite train
 --fsdp true` on 2 processes (sharded QLoRA training: losses, weights per process, peak memory). It
-prints a Markdown table to paste into the README.
+prints a Markdown report (--output appends it to a file under benchmarks/results/).
 
 Without CUDA it refuses (exit 2). On a machine without bitsandbytes (or TRL), carry them as wheels;
-see benchmarks/README.md ("GPU check").
+see benchmarks/README.md ("gpu_check.py").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""When does scoring a prompt once for its example and KL completions pay? (share_prompts, issue 14)
+"""When does scoring a prompt once for its example and KL completions pay? (share_prompts)
 
 A training step scores each example (prompt + completion, with grad) and its KL row (the same prompt
 + another example's completion, no grad, for z0). Separate rows run the prompt twice; shared rows

@@ -26,6 +26,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 REFERENCES = ("base", "init_adapter")
 TRACKERS = ("none", "tensorboard", "wandb")
 KL_PAIRINGS = ("per_epoch", "fixed")
+# The column names the data formats read (docs/data.md); `columns` maps a file's own names onto them.
+CANONICAL_COLUMNS = ("prompt", "completion", "label", "kto_tag", "messages", "chosen", "rejected")
 
 # Defaults of the fields left empty, derived in `TrainConfig.resolved` from what the user did set.
 # LoRA KTO on a real pretrained chat model: chosen by the grid in benchmarks/defaults_grid.py
@@ -39,8 +41,8 @@ DEFAULT_WARMUP_RATIO = 0.1  # with a decaying schedule; none with "constant"
 
 
 def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -51,6 +53,10 @@ class TrainConfig:
         None, "Hub id, local folder or .gguf file of the base model. Empty: the built-in demo model."
     )
     data: str | None = _f(None, "Labeled data file (.jsonl/.json/.csv/.parquet) or saved dataset folder.")
+    columns: dict[str, str] = _f(
+        {}, "Read the file's columns under other names, e.g. {question: prompt, answer: completion, rating: label} "
+        "(flag: --column question=prompt, repeatable). Applies to data and eval_data."
+    )
     output_dir: str = _f("runs/kto", "Where the adapter, metrics.jsonl, checkpoints and status.json go.")
     eval_data: str | None = _f(None, "Held-out data file, evaluated with the same metrics (eval_ prefix).")
     eval_fraction: float = _f(0.0, "Fraction of `data` held out for evaluation when no eval_data is given.")
@@ -101,6 +107,16 @@ class TrainConfig:
     kl_over_step: bool = _f(
         False, "Estimate z0 over all micro-batches of an optimizer step, not each one: steadier at batch_size 1-2."
     )
+    humanline: bool = _f(
+        False, "Humanline KTO (Liu et al. 2025): clamp each token's log-ratio to [log_epsilon_P, log_epsilon_R] "
+        "and sync the reference to the policy every humanline_sync_steps (docs/methods.md; measured there)."
+    )
+    log_epsilon_P: float = _f(-1.0, "Humanline: lower bound of a token's log(pi / pi_ref); below it the token "
+                                    "gets no gradient.")
+    log_epsilon_R: float = _f(1.5, "Humanline: upper bound of a token's log(pi / pi_ref); above it the token "
+                                   "gets no gradient.")
+    humanline_sync_steps: int = _f(1, "Humanline: copy the policy's adapter into the reference every this many "
+                                      "optimizer steps.")
 
     # --- optimisation ---
     learning_rate: float | None = _f(
@@ -144,7 +160,8 @@ class TrainConfig:
 
     # --- logging, saving, resuming ---
     logging_steps: int = _f(1, "Write a metrics.jsonl line every this many optimizer steps.")
-    eval_steps: int = _f(50, "Evaluate every this many optimizer steps (and at the end) when there is eval data.")
+    eval_steps: int = _f(50, "Evaluate every this many optimizer steps (and at the end) when there is eval data or "
+                             "a judge.")
     save_steps: int = _f(100, "Save a resumable checkpoint every this many optimizer steps (0: only at the end).")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints in output_dir/checkpoints.")
     resume_from_checkpoint: bool | str = _f(
@@ -157,6 +174,35 @@ class TrainConfig:
     push_to_hub: str | None = _f(None, "Upload the adapter and its model card to this Hub repo id at the end.")
     hub_private: bool = _f(True, "Create the Hub repo as private.")
 
+    # --- judged evaluation: the policy's own sampled answers to held-out prompts (docs/loop.md) ---
+    eval_prompts: str | None = _f(
+        None, "Held-out prompts (any data format: a prompt or messages column, plus the judge's reference "
+        "column) whose sampled answers are judged at step 0, every eval_steps and at the end."
+    )
+    judge: str | None = _f(
+        None, "Judge of eval_prompts' answers: exact, contains, number, regex:PATTERN, python:MODULE:FUNCTION or "
+        "python:FILE.py:FUNCTION (docs/loop.md)."
+    )
+    reference_column: str | None = _f(
+        None, "eval_prompts' column with the reference answer. Empty: the first of answer, reference, target, "
+        "solution."
+    )
+    judge_threshold: float | None = _f(None, "A python judge that returns a score: score >= this is a success.")
+    eval_samples_per_prompt: int = _f(
+        4, "Answers sampled per held-out prompt at each judged evaluation (the interval is clustered by prompt: "
+        "more prompts narrow it more than more samples)."
+    )
+    eval_temperature: float = _f(0.7, "Sampling temperature of the judged evaluation (0: greedy).")
+    eval_top_p: float = _f(0.9, "Nucleus sampling of the judged evaluation (1: off).")
+    eval_max_new_tokens: int = _f(256, "Longest sampled answer of the judged evaluation, in tokens.")
+    keep_best: bool = _f(
+        False, "The run's adapter is the checkpoint with the best judged success, not the last one (which stays "
+        "in checkpoints/)."
+    )
+    early_stopping_patience: int | None = _f(
+        None, "Stop after this many judged evaluations in a row without a better judged success. Empty: never."
+    )
+
     def __post_init__(self):
         self.validate()
 
@@ -168,7 +214,8 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         positive = ["lora_r", "lora_alpha", "beta", "batch_size", "gradient_accumulation_steps",
-                    "max_length", "max_prompt_length", "logging_steps", "eval_steps", "num_epochs"]
+                    "max_length", "max_prompt_length", "logging_steps", "eval_steps", "num_epochs",
+                    "humanline_sync_steps"]  # checked even when unused: a bad value is refused, never kept
         for name in positive:  # None: derived later (`resolved`)
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -191,18 +238,23 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be in (0, 1e-2], got {self.learning_rate}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be > 0 (or empty to use num_epochs), got {self.max_steps}")
-        if self.save_steps < 0 or self.save_total_limit < 1:
-            raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
+        for name in ("save_steps", "weight_decay", "max_grad_norm", "seed"):  # 0 means off (seed: a seed)
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.reference == "init_adapter" and not self.init_adapter:
             raise ConfigError("reference: 'init_adapter' needs init_adapter (the adapter to start from)")
         if self.fsdp and self.optimizer not in ("auto", "adamw_torch"):
             raise ConfigError(f"fsdp: optimizer {self.optimizer} cannot step sharded weights; use adamw_torch "
                               "(FSDP already splits the optimizer state across the GPUs)")
+        _check_judged_evaluation(self)
+        _check_humanline(self)
 
     # ------------------------------------------------------------------ derived defaults
     def resolved(self) -> TrainConfig:
-        """A copy with every empty derived field filled from what was set (DESIGN: a default never
-        contradicts a value the user gave). The run's config.yaml records these values."""
+        """A copy with every empty derived field filled from what was set (docs/design.md, "Config fields": a
+        default never contradicts a value the user gave). The run's config.yaml records these values."""
 
         c = dataclasses.replace(self)  # runs __post_init__ again: still valid
         if c.data is None and c.model is None:
@@ -285,6 +337,41 @@ def _adopt_adapter_shape(c: TrainConfig) -> None:
         setattr(c, name, value)
 
 
+def _check_judged_evaluation(c: TrainConfig) -> None:
+    """The judged evaluation's fields, checked together (the prompt file and the judge spec are checked against
+    each other when training starts, before the model loads: training/judged.py)."""
+    if bool(c.eval_prompts) != bool(c.judge):
+        given, missing = ("eval_prompts", "judge") if c.eval_prompts else ("judge", "eval_prompts")
+        raise ConfigError(f"{given} needs {missing}: the judged evaluation samples answers to eval_prompts and "
+                          "judges them (docs/loop.md)")
+    needs_judge = [name for name in ("reference_column", "judge_threshold", "keep_best", "early_stopping_patience")
+                   if getattr(c, name) not in (None, False)]
+    if needs_judge and not c.judge:
+        raise ConfigError(f"{', '.join(needs_judge)} need a judged evaluation: set eval_prompts and judge")
+    for name in ("eval_samples_per_prompt", "eval_max_new_tokens", "early_stopping_patience"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(c, name)}")
+    if c.eval_temperature < 0 or not 0 < c.eval_top_p <= 1:
+        raise ConfigError(f"eval_temperature must be >= 0 and eval_top_p in (0, 1], got {c.eval_temperature} and "
+                          f"{c.eval_top_p}")
+    if c.judge and c.fsdp:
+        raise ConfigError("a judged evaluation samples with the whole model, which fsdp shards across the "
+                          "processes: evaluate the saved adapter with `python -m kto_lite evaluate` instead")
+
+
+def _check_humanline(c: TrainConfig) -> None:
+    if not c.humanline:
+        return
+    if not c.log_epsilon_P < 0 < c.log_epsilon_R:
+        raise ConfigError(f"humanline: need log_epsilon_P < 0 < log_epsilon_R (a token the policy has not moved "
+                          f"has log-ratio 0), got {c.log_epsilon_P} and {c.log_epsilon_R}")
+    if c.loss_type != "kto" or c.fsdp or c.kl_over_step:
+        raise ConfigError("humanline is implemented for loss_type kto, without fsdp and kl_over_step")
+    if c.save_steps % c.humanline_sync_steps:
+        raise ConfigError(f"humanline: save_steps ({c.save_steps}) must be a multiple of humanline_sync_steps "
+                          f"({c.humanline_sync_steps}), so that a checkpoint's reference is its own policy")
+
+
 def _default_of(f):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
@@ -320,6 +407,8 @@ def _hints() -> dict:
 
 def _coerce(name: str, value, hint):
     """Check `value` against the field's type; accept strings from the CLI/UI ("1e-5", "true", "auto")."""
+    if typing.get_origin(hint) is dict:
+        return column_map(name, value)
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
         if type(None) in options:
@@ -358,8 +447,50 @@ def _coerce(name: str, value, hint):
     raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
 
 
+def column_pair(text: str, name: str = "columns") -> tuple[str, str]:
+    """"question=prompt" -> ("question", "prompt"): the flag's spelling of one column mapping."""
+    column, sep, canonical = str(text).partition("=")
+    if not sep or not column.strip() or not canonical.strip():
+        raise ConfigError(f"{name}: {text!r} is not NAME=CANONICAL (e.g. question=prompt)")
+    return column.strip(), canonical.strip()
+
+
+def column_map(name: str, value) -> dict[str, str]:
+    """A mapping file column -> canonical column name (CANONICAL_COLUMNS), checked.
+
+    Accepts a mapping (YAML), or text: YAML ("{question: prompt}") or NAME=CANONICAL pairs separated by
+    commas (the flag's spelling). Empty means no mapping.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if "=" in text and not text.startswith("{"):
+            value = dict(column_pair(pair, name) for pair in text.split(",") if pair.strip())
+        else:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                pass
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of file column to column name, e.g. "
+                          f"{{question: prompt, rating: label}}, got {value!r}")
+    mapped: dict[str, str] = {}
+    for column, canonical in value.items():
+        if canonical not in CANONICAL_COLUMNS:
+            close = difflib.get_close_matches(str(canonical), CANONICAL_COLUMNS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{name}: column {column!r} is mapped to {canonical!r}, which is not one of "
+                              f"{', '.join(CANONICAL_COLUMNS)}{hint}")
+        if canonical in mapped.values():
+            first = next(c for c, target in mapped.items() if target == canonical)
+            raise ConfigError(f"{name}: columns {first!r} and {column!r} are both mapped to {canonical!r}")
+        mapped[str(column)] = canonical
+    return mapped
+
+
 def markdown_table() -> str:
-    """The README's table of fields (tests/test_readme.py keeps README in sync with this)."""
+    """The table of fields in docs/config.md (tests/test_readme.py keeps it in sync with this)."""
     defaults = TrainConfig().to_dict()
     rows = ["| field | default | meaning |", "|---|---|---|"]
     for name, help in field_help().items():

@@ -43,3 +43,8 @@ class MemoryEstimateError(UserError):
 
 class UnsupportedModel(UsageError):
     """A model that an export format (GGUF) cannot represent; the message names what is missing."""
+
+
+class ModelNotFound(UserError):
+    """A model (or tokenizer) name that neither a local folder nor the Hugging Face Hub (or its cache, offline)
+    provides; the message names the model, says whether the machine is offline and what to do."""

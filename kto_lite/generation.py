@@ -37,7 +37,7 @@ from kto_lite.data.read import read_rows
 from kto_lite.data.tokenize import encode_prompt, stop_token_ids
 from kto_lite.errors import DataError
 from kto_lite.model import eval_mode, load_adapter, load_base, load_tokenizer, resolve_model
-from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
+from kto_lite.runs import check_adapter_dir, run_base, run_settings
 
 Content = str | list[dict[str, str]]
 
@@ -126,14 +126,15 @@ def model_spec(model: str | None, adapters: list[str] | tuple[str, ...] = (), **
 
     folders = [str(check_adapter_dir(a)) for a in adapters]
     settings = run_settings(folders[0]) if folders else {}
-    bases = {adapter_base(f) for f in folders}
+    runs = [run_base(f, base=model) for f in folders]  # each run's base as training loaded it (its revision, ...)
+    bases = {r.model for r in runs}
     if model is None and len(bases) > 1:
         raise ValueError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); "
                          "evaluate them separately, or name the base with --model")
     defaults = TrainConfig().to_dict()
-    chosen = {name: next((v for v in (options.get(name), settings.get(name)) if v is not None), defaults[name])
-              for name in LOAD_OPTIONS}
-    model_name = model or (adapter_base(folders[0]) if folders else resolve_model(None))
+    chosen = {name: next((v for v in (options.get(name), runs[0].options[name] if runs else None) if v is not None),
+                         defaults[name]) for name in LOAD_OPTIONS}
+    model_name = model or (runs[0].model if runs else resolve_model(None))
     return ModelSpec(model_name, folders, chosen, settings.get("use_chat_template"))
 
 

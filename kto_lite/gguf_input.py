@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 
 from kto_lite.errors import ConfigError
+from kto_lite.files import DiskFullError, atomic_path, remove_partials
 
-FORMAT = "1"  # part of the cache key: bump when the conversion changes, so old folders are not reused
-SOURCE_FILE = "kto_lite_gguf.json"  # written last into a converted folder: which file it came from
+FORMAT = "2"  # part of the cache key: bump when the conversion changes, so old folders are not reused
+SOURCE_FILE = "kto_lite_gguf.json"  # written last into a converted folder: which file it came from, and its files
 
 
 MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -92,16 +93,57 @@ def converted_config(gguf: Path) -> dict | None:
 
 
 def converted_dir(gguf: Path) -> Path:
-    """The transformers folder converted from `gguf`; converts it first if it is not in the cache."""
+    """The transformers folder converted from `gguf`; converts it first if it is not in the cache, or again if
+    the cached copy is damaged (`damage`: a file missing, cut short or changed since the conversion)."""
     gguf = gguf.resolve()
     target = _target(gguf)
-    if (target / SOURCE_FILE).is_file():
+    if (target / SOURCE_FILE).is_file() and damage(target) is None:
         return target
     with _lock(target):
         if not (target / SOURCE_FILE).is_file():  # another process may have converted it meanwhile
             _convert(gguf, target)
             _remove_older_conversions(gguf, keep=target)
+        elif (why := damage(target)) is not None:  # said in the conversion's first line
+            _convert(gguf, target, damaged=why)
     return target
+
+
+def _files(folder: Path) -> dict:
+    """{name: [size, sha256, mtime_ns]} of a converted folder's files (its record, SOURCE_FILE)."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != SOURCE_FILE:
+            stat = f.stat()
+            out[f.name] = [stat.st_size, _sha256(f), stat.st_mtime_ns]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a converted folder, None when nothing is: every recorded file there with its size, and
+    its checksum where its modification time moved (a file rewritten in place). Sizes are checked on every
+    load, checksums only then: hashing gigabytes on every load would cost more than it finds."""
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{SOURCE_FILE} is unreadable"
+    for name, (size, sha256, mtime_ns) in record.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        stat = path.stat()
+        if stat.st_size != size:
+            return f"{name} has {stat.st_size} bytes, {size} were written"
+        if stat.st_mtime_ns != mtime_ns and _sha256(path) != sha256:
+            return f"{name} changed since it was written (checksum)"
+    return None
 
 
 def _key(gguf: Path) -> str:
@@ -123,7 +165,7 @@ def _lock(target: Path):
         yield
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def _convert(gguf: Path, target: Path, damaged: str | None = None) -> None:
     """De-quantize `gguf` and write it as safetensors + tokenizer to `target`, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -131,8 +173,9 @@ def _convert(gguf: Path, target: Path) -> None:
     if kind not in (None, "model"):  # e.g. "adapter": a LoRA exported for llama.cpp, not a base model
         raise ConfigError(f"{gguf} is a GGUF {kind}, not a model: give the base model's GGUF file")
     size_gb = gguf.stat().st_size / 1e9
-    print(f"converting {gguf} ({size_gb:.1f} GB) into a transformers folder, once: {target}",
-          file=sys.stderr, flush=True)
+    why = f" again, its converted copy was damaged ({damaged})" if damaged else ", once"
+    print(f"converting {gguf} ({size_gb:.1f} GB) into a transformers folder{why}: {target}", file=sys.stderr,
+          flush=True)
     try:  # dequantize=True: plain weights even where a GGUF matmul kernel is installed
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
@@ -142,22 +185,22 @@ def _convert(gguf: Path, target: Path) -> None:
         raise ConfigError(f"{gguf}: transformers cannot read this GGUF file: {e}") from e
     forget_gguf_quantization(model)
 
-    for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a killed conversion
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    remove_partials(target.parent)  # left by a killed conversion
+    n = sum(p.numel() for p in model.parameters())
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        n = sum(p.numel() for p in model.parameters())
         print(f"writing {n / 1e6:.0f}M parameters ({model.dtype}) to {target}", file=sys.stderr, flush=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        stat = gguf.stat()
-        (tmp / SOURCE_FILE).write_text(json.dumps(
-            {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": FORMAT}, indent=1))
-        os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
+        with atomic_path(target, folder=True, needed=needed) as tmp:  # a reader sees no folder or a complete one
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            stat = gguf.stat()
+            (tmp / SOURCE_FILE).write_text(json.dumps(
+                {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": FORMAT,
+                 "files": _files(tmp)}, indent=1))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"converting {gguf} failed while writing to {target.parent} ({e}); the converted "
-                      "model takes about 4 bytes per parameter: set KTO_LITE_CACHE to a disk with room") from e
+        hint = (f"converting {gguf} failed while writing to {target.parent} ({e}); the converted model takes about "
+                "4 bytes per parameter: set KTO_LITE_CACHE to a disk with room")
+        raise (DiskFullError(target, hint, needed) if isinstance(e, DiskFullError) else OSError(hint)) from e
 
 
 def _metadata_string(gguf: Path, key: str) -> str | None:

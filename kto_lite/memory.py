@@ -46,6 +46,9 @@ BNB_OPTIM_BLOCKSIZE = 256  # blockwise 8-bit state: one fp32 absmax per 256 valu
 # config.json subsets of the models the recipes use, so `estimate` works before anything is
 # downloaded. Values are copied from each model's config.json on the Hugging Face Hub.
 KNOWN_MODELS: dict[str, dict] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(model_type="llama", hidden_size=576, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
+        tie_word_embeddings=True),
     "Qwen/Qwen2.5-0.5B-Instruct": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
         tie_word_embeddings=True),
@@ -223,7 +226,7 @@ def load_model_config(model: str | None) -> dict:
     raise MemoryEstimateError(
         f"no config.json for {model!r}: it is not a local folder, not in the Hugging Face cache and not "
         f"one of the built-in models ({', '.join(KNOWN_MODELS)}). Download only its config.json "
-        f"(`huggingface-cli download {model} config.json`), or give `estimate` a local folder or config.json "
+        f"(`hf download {model} config.json`), or give `estimate` a local folder or config.json "
         f"path as --model."
     )
 

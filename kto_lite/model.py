@@ -7,6 +7,7 @@ in memory. `reference_mode` is the one place that switch happens.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -19,16 +20,59 @@ from kto_lite.config import TrainConfig
 from kto_lite.demo import DEMO_MODEL_DIR
 from kto_lite.errors import ConfigError
 from kto_lite.gguf_input import converted_dir, gguf_source
+from kto_lite.missing_model import explained_load_errors
 
 
 def resolve_model(name: str | None, *, revision: str | None = None) -> str:
     """What `from_pretrained` should load: a hub id or folder as given; a GGUF model's converted
-    folder (converting it once, see gguf_input.py); empty means the built-in demo model."""
-    if not name:
-
+    folder (converting it once, see gguf_input.py); empty means the built-in demo model (checked whole)."""
+    if not name or Path(name).resolve() == DEMO_MODEL_DIR.resolve():
+        check_demo_model()
         return str(DEMO_MODEL_DIR)
     gguf = gguf_source(str(name), revision=revision)
     return str(converted_dir(gguf)) if gguf is not None else str(name)
+
+
+# --------------------------------------------------------------------------- the built-in demo model, whole
+DEMO_CHECKSUMS = "SHA256SUMS"  # in the demo model's folder, `sha256sum -c` format; written by build_demo_model.py
+_demo_checked: set = set()  # (name, size, mtime_ns) of every file found whole in this process
+
+
+def _sha256(path: Path) -> str:
+    """Of the bytes; text files with their line ends as LF (a git checkout on Windows may make them CRLF)."""
+    data = path.read_bytes()
+    return hashlib.sha256(data.replace(b"\r\n", b"\n") if path.suffix in (".json", ".jinja") else data).hexdigest()
+
+
+def write_demo_checksums(folder: Path | None = None) -> Path:
+    """Record the demo model's files (recipes/build_demo_model.py, after building it)."""
+    folder = folder or DEMO_MODEL_DIR
+    lines = [f"{_sha256(f)}  {f.name}\n" for f in sorted(folder.iterdir()) if f.is_file() and f.name != DEMO_CHECKSUMS]
+    (folder / DEMO_CHECKSUMS).write_text("".join(lines))
+    return folder / DEMO_CHECKSUMS
+
+
+def check_demo_model(folder: Path | None = None) -> None:
+    """The demo model ships with kto_lite and cannot be recomputed: a file missing, cut short or changed is said,
+    with how to restore it, instead of failing deep inside transformers. Each file is hashed once per process
+    (and again only if its size or modification time changes)."""
+    folder = folder or DEMO_MODEL_DIR
+    sums = folder / DEMO_CHECKSUMS
+    if not sums.is_file():  # an installation without the record: nothing to compare with
+        return
+    for line in sums.read_text().splitlines():
+        expected, name = line.split(maxsplit=1)
+        path = folder / name
+        stat = path.stat() if path.is_file() else None
+        if stat is not None and (name, stat.st_size, stat.st_mtime_ns) in _demo_checked:
+            continue
+        if stat is None or _sha256(path) != expected:
+            what = "is missing" if stat is None else f"is damaged ({stat.st_size} bytes, not the ones shipped)"
+            raise ConfigError(
+                f"the built-in demo model's {path} {what}. It ships with kto_lite and cannot be rebuilt from here: "
+                "restore it with `git checkout kto_lite/demo/model` in a clone of the repository, or reinstall "
+                "kto_lite (pip install --force-reinstall kto-lite)")
+        _demo_checked.add((name, stat.st_size, stat.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------- precision
@@ -65,6 +109,34 @@ def choose_precision(setting: str = "auto") -> str:
     if setting != "auto":
         return setting
     return "bf16" if native_bf16 else "fp16"
+
+
+# Architectures whose activations exceed fp16's range (65,504) in normal use: trained in fp16 they overflow to
+# inf, and the loss scaler skips step after step (Gemma-2/3: large residual-stream values, documented by their
+# authors' bf16-only releases). model_type -> the name users know.
+FP16_OVERFLOW = {"gemma2": "Gemma-2", "gemma3": "Gemma-3", "gemma3_text": "Gemma-3"}
+
+
+def check_precision(name: str | None, precision: str, *, revision: str | None = None,
+                    trust_remote_code: bool = False) -> None:
+    """Refuse, before anything is loaded, a model that cannot train in `precision` (choose_precision's answer):
+    one of FP16_OVERFLOW in fp16 (a GPU without bf16, or mixed_precision: fp16), with what to do instead."""
+    if precision != "fp16":
+        return
+    from transformers import AutoConfig
+
+    with explained_load_errors(name or DEMO_MODEL_DIR, revision):  # a name not found: which, and what to do
+        source = resolve_model(name, revision=revision)
+        model_type = AutoConfig.from_pretrained(source, **hub_options(source, revision, trust_remote_code)).model_type
+    if model_type in FP16_OVERFLOW:
+        gpu = (f"this GPU ({torch.cuda.get_device_name(_cuda_index())}) has no bf16" if torch.cuda.is_available()
+               and tuple(torch.cuda.get_device_capability(_cuda_index())) < BF16_MIN_CAPABILITY
+               else "mixed_precision is fp16")
+        raise ConfigError(
+            f"{name or source} is a {FP16_OVERFLOW[model_type]} model, whose activations overflow fp16, and {gpu}: "
+            "training would skip step after step and stop. Train in fp32 with mixed_precision: no (more memory "
+            "for activations, slower), use bf16 on a GPU that has it (compute capability 8.0+), or choose another "
+            "model (Llama, Qwen, Mistral train well in fp16).")
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -106,7 +178,7 @@ def device_map() -> dict:
     return {"": "cpu"}
 
 
-def _hub_options(source: str, revision: str | None, trust_remote_code: bool) -> dict:
+def hub_options(source: str, revision: str | None, trust_remote_code: bool) -> dict:
     """from_pretrained options. The token needs none: huggingface_hub reads HF_TOKEN or the saved login."""
     options = {"trust_remote_code": trust_remote_code}
     if revision and not Path(source).exists():  # a local folder (or converted GGUF) has no revisions
@@ -115,8 +187,9 @@ def _hub_options(source: str, revision: str | None, trust_remote_code: bool) -> 
 
 
 def load_tokenizer(name: str | None, *, revision: str | None = None, trust_remote_code: bool = False):
-    source = resolve_model(name, revision=revision)
-    tokenizer = AutoTokenizer.from_pretrained(source, **_hub_options(source, revision, trust_remote_code))
+    with explained_load_errors(name or DEMO_MODEL_DIR, revision):  # a name not found: which, and what to do
+        source = resolve_model(name, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_options(source, revision, trust_remote_code))
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -141,17 +214,18 @@ def load_base(name: str | None, *, load_in_4bit: bool = True, precision: str = "
             bnb_4bit_compute_dtype=dtype,
             **({"bnb_4bit_quant_storage": dtype} if fsdp else {}),
         )
-    source = resolve_model(name, revision=revision)
     attn = choose_attn_implementation(attn_implementation, dtype)
-    options = dict(dtype=dtype, quantization_config=quantization, device_map=device_map(),
-                   **_hub_options(source, revision, trust_remote_code))
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **options)
-        except ValueError as e:  # a model without SDPA support (custom code): the automatic choice falls back
-            if attn_implementation or "scaled_dot_product_attention" not in str(e):
-                raise
-            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **options)
+        with explained_load_errors(name or DEMO_MODEL_DIR, revision):  # a name not found: which, and what to do
+            source = resolve_model(name, revision=revision)
+            options = dict(dtype=dtype, quantization_config=quantization, device_map=device_map(),
+                           **hub_options(source, revision, trust_remote_code))
+            try:
+                model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **options)
+            except ValueError as e:  # a model without SDPA support (custom code): the automatic choice falls back
+                if attn_implementation or "scaled_dot_product_attention" not in str(e):
+                    raise
+                model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **options)
     except (ImportError, RuntimeError) as e:
         if load_in_4bit and "bitsandbytes" in str(e).lower():
             raise RuntimeError(

@@ -38,6 +38,7 @@ import demo_task as task  # noqa: E402
 
 from kto_lite.demo import DEMO_DATA_DIR, DEMO_MODEL_DIR  # noqa: E402
 from kto_lite.generation import generate_samples  # noqa: E402
+from kto_lite.model import write_demo_checksums  # noqa: E402
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -214,6 +215,7 @@ def save(model, tokenizer, out_dir: Path) -> float:
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    write_demo_checksums(out_dir)  # SHA256SUMS: what kto_lite checks before loading the demo model
     return (out_dir / "model.safetensors").stat().st_size / 1e6
 
 

@@ -1,6 +1,6 @@
 """KTO from binary feedback, end to end, on the built-in demo model (CPU, no download).
 
-    python recipes/demo.py            # the full recipe (README has its numbers and time)
+    python recipes/demo.py            # the full recipe (benchmarks/results/demo_recipe.md)
     python recipes/demo.py --quick    # a reduced version, a few minutes on a laptop CPU
     python recipes/demo.py --rounds 2 # two rounds: the second samples and trains from the first's adapter
 

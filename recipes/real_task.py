@@ -25,7 +25,7 @@ A second kind of held-out prompts asks the *practised* facts in words the traini
 use: `--practised train.jsonl` takes prompts of the train split whose sum the training file asks
 (in another phrasing or order) but which it does not contain itself. Held-out facts measure whether
 what is learnt carries to sums never practised; held-out phrasings, whether the practised sums are
-answered right however they are asked (README, "Rounds on the real model").
+answered right however they are asked (benchmarks/results/real_rounds.md).
 
     python recipes/real_task.py runs/real/phrasings.jsonl --n 200 --practised runs/real/train.jsonl --seed 2
 """

@@ -15,6 +15,18 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# --- tiers (markers registered in pyproject.toml) ---
+
+TIERS = ("slow", "browser", "multiprocess", "real_model")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook applies `-m`
+def pytest_collection_modifyitems(items):
+    """Mark every test that is in none of the TIERS `fast`: `python -m pytest -m fast` is the inner loop."""
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _reference_cache(tmp_path_factory):

@@ -21,6 +21,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_smoke_preset_prints_the_table(bench, tmp_path, capsys):
     # one side of each kind (kto_lite via train, kto_lite pieces, TRL, kto_lite's SFT step): subprocesses
     out_md = tmp_path / "results.md"
@@ -76,6 +77,7 @@ def test_gpu_presets_refuse_clearly_without_cuda(bench, preset, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.real_model
 def test_real_model_preset_rows_are_chat_formatted(bench):
     """smollm2: the demo's feedback rows in SmolLM2's chat template, identical text for every side."""
     from real_model import smollm2_dir

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from kto_lite.commands import chat as chat_module
 from kto_lite.data import encode_prompt, load_data
+from kto_lite.demo import DEMO_MODEL_DIR
 from kto_lite.feedback.chat import ChatModel, append_feedback, feedback_counts, plain_prompt
 
 QUESTION = [{"role": "user", "content": "what is the red cat ?"}]
@@ -225,6 +226,13 @@ def test_concurrent_appends_from_processes_and_threads(tmp_path):
 # --------------------------------------------------------------------------- the terminal chat
 
 
+class _Terminal(io.StringIO):
+    """Typed input: the chat shows its prompts (piped input gets the replies alone)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_cli_two_turns_reset_quit(run, monkeypatch, capsys):
     seen = []
     stream = ChatModel.stream
@@ -234,7 +242,7 @@ def test_cli_two_turns_reset_quit(run, monkeypatch, capsys):
         yield from stream(self, messages, **kwargs)
 
     monkeypatch.setattr(ChatModel, "stream", spy)
-    monkeypatch.setattr("sys.stdin", io.StringIO("what is the red cat ?\nwhy ?\n/reset\nhow is the dog ?\n/quit\n"))
+    monkeypatch.setattr("sys.stdin", _Terminal("what is the red cat ?\nwhy ?\n/reset\nhow is the dog ?\n/quit\n"))
     args = ["--adapter", str(run), "--load_in_4bit", "false", "--temperature", "0", "--max_new_tokens", "5",
             "--system", "be brief"]
     assert chat_module.main(args) == 0
@@ -278,14 +286,17 @@ def test_cli_exit_codes(run, tmp_path, capsys):
     assert chat_module.main(["--adapter", str(run), "--load_in_4bit", "maybe"]) == 2
     assert chat_module.main(["--adapter", str(tmp_path / "no such run")]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
-    broken = tmp_path / "broken-base"  # an adapter whose base cannot be loaded: a failure while running
+    broken = tmp_path / "broken-base"  # a base folder that is not a model: an input error, named
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "config.yaml").write_text(yaml.safe_dump({"model": str(broken)}))
-    assert chat_module.main(["--adapter", str(adapter)]) == 1
+    assert chat_module.main(["--adapter", str(adapter)]) == 2
+    assert "not one transformers can load" in capsys.readouterr().err
+    (adapter / "config.yaml").write_text(yaml.safe_dump({"model": str(DEMO_MODEL_DIR)}))  # a good base, a broken
+    assert chat_module.main(["--adapter", str(adapter)]) == 1  # adapter: a failure while running
     assert "error:" in capsys.readouterr().err
 
 

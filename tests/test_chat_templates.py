@@ -22,6 +22,7 @@ from kto_lite.data.tokenize import encode_prompt, tokenize
 from kto_lite.errors import DataError
 from kto_lite.feedback.chat import ChatModel
 
+pytestmark = pytest.mark.real_model  # every test uses the SmolLM2 tokenizer
 SYSTEM = [{"role": "system", "content": "Be brief."}]
 HISTORY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]
 QUESTION = [{"role": "user", "content": "What is 2+3?"}]

@@ -18,6 +18,7 @@ from kto_lite.data import (
     suggest_weights,
     tokenize,
 )
+from kto_lite.data.lengths import length_problem
 from kto_lite.data.load import MAX_FIELD_CHARS
 from kto_lite.errors import DataError
 
@@ -141,7 +142,8 @@ def test_column_map(tmp_path):
     assert examples == [Example("hi", "yo", True, 1)]
     assert report.columns == ["prompt", "completion", "label"]
     with pytest.raises(
-        DataError, match=r"'nope'.*columns found are \['question', 'answer', 'rating', 'prompt'\]"
+        DataError, match=r"columns \(--column\) maps column 'nope', but the file's columns are \['question', 'answer', "
+        r"'rating', 'prompt'\]"
     ):
         load_data(path, {"nope": "prompt"})
     with pytest.raises(DataError, match="'score' is not one of"):
@@ -242,7 +244,9 @@ def test_missing_columns_lists_found_and_accepted(tmp_path):
         and "(2) messages, label" in text
         and "(3) chosen, rejected" in text
     )
-    assert "column_map" in text
+    # the way out, spelt as the YAML key and the flag of train and data take it
+    assert "columns: {question: prompt, answer: completion, rating: label}" in text
+    assert "--column question=prompt --column answer=completion --column rating=label" in text
 
 
 def test_missing_label_column_is_named(tmp_path):
@@ -772,3 +776,88 @@ def test_cli_reports_bad_data(tmp_path, capsys):
     assert captured.out == ""
     assert captured.err.startswith(f"error: {path}, line 1: 'label': unknown label 'maybe'")
     assert main([str(path), "--column", "oops"]) == 2 and "NAME=CANONICAL" in capsys.readouterr().err
+
+
+# --- limits that leave nothing worth training (kto_lite/data/lengths.py, docs/data.md "Truncation") ---
+
+
+@pytest.fixture(scope="module")
+def demo_data():
+    from kto_lite.demo import DEMO_SAMPLES
+    from kto_lite.model import load_tokenizer
+
+    return load_data(DEMO_SAMPLES["kto"])[0], load_tokenizer(None)
+
+
+def whole_completions(examples, tokenizer, max_length: int) -> int:
+    """Examples whose completion survives max_length (max_prompt_length derived, half of it) whole."""
+    full = tokenize(examples, tokenizer, max_length=None, max_prompt_length=None)
+    cut = tokenize(examples, tokenizer, max_length=max_length, max_prompt_length=max(1, max_length // 2))
+    kept = {t.row: len(t.completion_ids) for t in cut}
+    return sum(kept.get(t.row) == len(t.completion_ids) for t in full)
+
+
+def test_a_max_length_that_cuts_most_completions_below_half_is_refused_with_the_value_that_fits(demo_data):
+    examples, tokenizer = demo_data
+    report = DataReport("demo")
+    tokenize(examples, tokenizer, max_length=4, max_prompt_length=2, report=report)
+    problem = length_problem(examples, tokenizer, report, max_length=4, max_prompt_length=2)
+    assert problem.startswith(f"max_length 4 (max_prompt_length 2) leaves too little to train: {len(examples)} of "
+                              f"{len(examples)} examples would keep less than half of their completion tokens")
+    fits = int(re.search(r"keep their whole completion: max_length (\d+)", problem)[1])
+    # the value named is the smallest at which most examples keep their whole completion
+    assert whole_completions(examples, tokenizer, fits) > len(examples) / 2
+    assert whole_completions(examples, tokenizer, fits - 1) <= len(examples) / 2
+    assert f"max_length {fits} (max_prompt_length {fits // 2})" in problem
+
+
+def test_limits_that_keep_half_of_most_completions_are_accepted(demo_data):
+    examples, tokenizer = demo_data
+    for max_length in (12, 64):
+        report = DataReport("demo")
+        tokenize(examples, tokenizer, max_length=max_length, max_prompt_length=max_length // 2, report=report)
+        assert length_problem(examples, tokenizer, report, max_length=max_length,
+                              max_prompt_length=max_length // 2) is None
+
+
+def test_train_refuses_max_length_4_before_loading_the_model(tmp_path, capsys):
+    from kto_lite.commands.train import main as train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--max_length", "4", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: max_length 4 (max_prompt_length 2) leaves too little to train" in err
+    assert [p.name for p in out.iterdir()] == ["status.json"]  # nothing else: no config, no adapter, no report
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and "max_length 4" in status["message"]
+
+
+def test_data_command_says_what_train_would_refuse(capsys):
+    from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
+
+    assert main([str(DEMO_SAMPLES["kto"]), "--model", str(DEMO_MODEL_DIR), "--max_length", "4"]) == 2
+    captured = capsys.readouterr()
+    assert "truncated completions" in captured.out  # the report is printed first
+    assert "train would refuse these limits: max_length 4" in captured.err
+
+
+@pytest.mark.slow
+def test_train_reads_other_column_names_through_column_flags(tmp_path, capsys):
+    """The trainer applies the mapping itself (to data and eval_data): no converted copy of the file."""
+    from kto_lite.commands.train import main as train_main
+    from kto_lite.demo import DEMO_SAMPLES
+
+    rows = [json.loads(line) for line in DEMO_SAMPLES["kto"].read_text().splitlines()[:24]]
+    renamed = [{"question": r["prompt"], "answer": r["completion"], "rating": r["label"]} for r in rows]
+    data = write_rows(tmp_path, renamed, "csv")
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--eval_data", str(data), "--column", "question=prompt", "--column",
+            "answer=completion", "--column", "rating=label", "--output_dir", str(out), "--max_steps", "1",
+            "--batch_size", "4", "--gradient_accumulation_steps", "1", "--load_in_4bit", "false", "--save_steps", "0"]
+    assert train_main(argv) == 0, capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file()
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["columns"] == {
+        "question": "prompt", "answer": "completion", "rating": "label"}
+    assert json.loads((out / "data_report.json").read_text())["columns"] == ["prompt", "completion", "label"]

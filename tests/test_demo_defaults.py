@@ -1,4 +1,4 @@
-"""The first run a newcomer makes learns: the app's untouched train form on the demo model (issue 10).
+"""The first run a newcomer makes learns: the app's untouched train form on the demo model.
 
 The form's untouched values go through the app's own form -> config path, the run trains on the
 shipped sample feedback, and the adapter is then measured on *held-out* demo questions (never in the
@@ -9,6 +9,7 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -36,6 +37,7 @@ def held_out_rows(n: int = 200) -> list[Example]:
             + [Example(p, task.wrong_answer(p, rng), False, i) for i, p in enumerate(prompts)])
 
 
+@pytest.mark.slow
 def test_untouched_form_on_the_demo_model_visibly_learns(tmp_path):
     specs = form.field_specs()
     config = form.build_config(specs, [s.default for s in specs], data=str(DEMO_SAMPLES["kto"]),

@@ -21,6 +21,7 @@ def run_demo(tmp_path, *extra):
     return module.main(["--quick", "--seed", "0", "--output-dir", str(tmp_path / "demo"), *extra])
 
 
+@pytest.mark.slow
 def test_kto_on_judged_samples_raises_heldout_accuracy(tmp_path, capsys):
     before, after = run_demo(tmp_path)
     assert 0.3 <= before <= 0.7  # the demo model is right only part of the time
@@ -28,6 +29,7 @@ def test_kto_on_judged_samples_raises_heldout_accuracy(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"accuracy before {before:.3f} after {after:.3f}"
 
 
+@pytest.mark.slow
 def test_reversed_labels_lower_accuracy(tmp_path):
     before, after = run_demo(tmp_path, "--reverse-labels")
     assert after <= before - 0.08, (before, after)

@@ -188,7 +188,8 @@ def test_a_run_trained_unquantized_has_only_the_full_merge(run, tmp_path):
 
 
 def test_files_the_user_receives_follow_the_umask(run, tmp_path):
-    """Issue 11: the zip was 0600 (mkstemp) and the merged folder 0700 (mkdtemp)."""
+    """The zip is 0644 and the merged folder 0755 under umask 022, as any file the user makes (temporary
+    files start 0600 / 0700: mkstemp, mkdtemp)."""
     old = os.umask(0o022)
     try:
         zipped = zip_adapter(run, tmp_path / "a.zip")

@@ -361,6 +361,7 @@ def test_llama_cpp_reads_every_architecture(tiny, model_type, tmp_path):
     assert (got - expected).abs().max() < 0.02 * expected.abs().max() + 1e-3, model_type
 
 
+@pytest.mark.real_model
 def test_smollm2_gguf_runs_in_llama_cpp(tmp_path):
     """The real model (SmolLM2-135M-Instruct, as a transformers folder): f16 GGUF in llama.cpp, its Modelfile."""
     pytest.importorskip("llama_cpp")

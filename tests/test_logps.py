@@ -253,3 +253,167 @@ def test_a_completion_does_not_see_its_siblings(model):
         changed[1][0] = (changed[1][0] + 1) % VOCAB
         after = completion_logps(model, collate_shared(prompts, [changed, kl]))
     assert after[1] != base[1] and torch.equal(after[[0, 2, 3, 4, 5, 6, 7]], base[[0, 2, 3, 4, 5, 6, 7]])
+
+
+# ---------------------------------------------------------------------- shared prompts and the model's own mask
+def mask_config(impl: str):
+    """A tiny config with both a sliding window (3) and an attention chunk (4), shorter than the rows below."""
+    config = LlamaConfig(**TINY)
+    config.sliding_window, config.attention_chunk_size = 3, 4
+    config._attn_implementation = impl
+    return config
+
+
+@pytest.fixture(scope="module")
+def segment_impl():
+    """kto_lite's segment attention, registered with transformers (as any model switched to it does)."""
+    from kto_lite.training.packing import use_segment_attention
+
+    return use_segment_attention(LlamaForCausalLM(LlamaConfig(**TINY)))
+
+
+def allowed(mask) -> torch.Tensor:
+    """(q, k) bool: what a transformers mask lets attend (sdpa: bool; eager: 0 where allowed, -inf elsewhere)."""
+    mask = mask[0, 0]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+MASK_CREATORS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+
+
+@pytest.mark.parametrize("creator", MASK_CREATORS)
+def test_shared_prompt_masks_are_the_models_own_mask_for_each_completion(segment_impl, creator):
+    """On a shared-prompt row each completion gets exactly the mask the model builds for [prompt | completion]
+    alone: full causal, a sliding window, or Llama-4's chunks (a chunk is not a window)."""
+    import transformers.masking_utils as masking
+
+    from kto_lite.training.packing import segment_masks
+
+    create = getattr(masking, creator)
+    prompts = [[1] * 6, [2] * 3]
+    completions = [[[3] * 5, [4] * 2], [[5] * 7, [6] * 1]]  # [k][i]: completion k of prompt i
+    rows = collate_shared(prompts, completions)
+    with segment_masks(rows.position_ids, rows.branch):
+        blocks = create(config=mask_config(segment_impl), inputs_embeds=torch.zeros(1, rows.input_ids.shape[1], 4),
+                        attention_mask=None, cache=None, position_ids=rows.position_ids)
+    for i, (start, end) in enumerate(blocks.bounds):
+        shared = allowed(blocks[i])
+        branch = rows.branch[0, start:end]
+        for k in range(len(completions)):
+            keep = torch.nonzero((branch == 0) | (branch == k + 1)).flatten()  # the prompt and completion k
+            n = len(keep)
+            alone = create(config=mask_config(segment_impl.removeprefix(SEGMENT_PREFIX)),
+                           inputs_embeds=torch.zeros(1, n, 4), attention_mask=None, cache=None,
+                           position_ids=torch.arange(n)[None], allow_is_causal_skip=False)
+            assert torch.equal(shared[keep][:, keep], allowed(alone)), (creator, i, k)
+            others = torch.nonzero((branch != 0) & (branch != k + 1)).flatten()
+            assert not shared[keep[len(prompts[i]):]][:, others].any()  # never a sibling completion
+
+
+def test_a_mask_that_cannot_be_composed_is_refused(segment_impl):
+    """A model that adds its own and/or mask function (images attending both ways, say), or a bidirectional one:
+    shared prompts would drop or contradict it, so the mask refuses (the layout probe then says unsupported)."""
+    import transformers.masking_utils as masking
+
+    from kto_lite.training.packing import segment_masks
+
+    rows = collate_shared([[1] * 6], [[[3] * 5], [[5] * 7]])
+    embeds = torch.zeros(1, rows.input_ids.shape[1], 4)
+    with segment_masks(rows.position_ids, rows.branch), pytest.raises(NotImplementedError, match="shared prompts"):
+        masking.create_causal_mask(config=mask_config(segment_impl), inputs_embeds=embeds, attention_mask=None,
+                                   cache=None, position_ids=rows.position_ids,
+                                   and_mask_function=lambda b, h, q, k: k >= 0)
+    config = mask_config(segment_impl)
+    config.is_causal = False
+    with segment_masks(rows.position_ids, rows.branch), pytest.raises(NotImplementedError, match="shared prompts"):
+        masking.create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                                   position_ids=rows.position_ids)
+
+
+@pytest.mark.parametrize("span", ["sliding_window", "attention_chunk_size"])
+def test_layout_probes_cross_the_models_window(span):
+    """The packing and shared-prompt probes use rows longer than the model's sliding window / attention chunk
+    (here 20 tokens, longer than short probe rows), so a layout that breaks only past it is caught; a window
+    longer than the run's rows (max_length) is never crossed by them and is not probed."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from kto_lite.training import logps
+
+    def probed_positions(max_length):
+        torch.manual_seed(0)
+        config = MistralConfig(**TINY, head_dim=16, sliding_window=None)
+        setattr(config, span, 20)
+        model = MistralForCausalLM(config).eval()
+        seen = []
+
+        def record(module, args, kwargs):  # the last position of the rows (padded rows: their length - 1)
+            positions, ids = kwargs.get("position_ids"), kwargs.get("input_ids", args[0] if args else None)
+            seen.append(int(positions.max()) if positions is not None else ids.shape[1] - 1)
+
+        model.model.register_forward_pre_hook(record, with_kwargs=True)
+        assert logps.supports_packing(model, max_length=max_length)
+        packing = max(seen)
+        seen.clear()
+        logps.supports_shared_prompts(model, max_length=max_length)
+        return packing, max(seen)
+
+    assert all(position >= 20 for position in probed_positions(max_length=512))
+    assert all(position < 20 for position in probed_positions(max_length=16))
+
+
+# ---------------------------------------------------------------------- what a layout probe takes for "unsupported"
+def drop_position_ids(monkeypatch):
+    """Llama's attention as some architectures' are written (Llama-4's): not given the position ids."""
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.LlamaAttention.forward
+
+    def forward(self, *args, **kwargs):
+        kwargs.pop("position_ids", None)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
+
+
+def test_a_model_whose_attention_gets_no_position_ids_is_not_packed(monkeypatch):
+    """Its attention cannot tell where a packed sequence starts (and may compute positions from the row itself):
+    padded rows, which still give the naive numbers."""
+    drop_position_ids(monkeypatch)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    assert not supports_packing(model) and not supports_shared_prompts(model)
+    rows = collate(*sequences(), pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logps(model, rows), naive_logps(model, rows), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("error", [KeyError("position_ids"), TypeError("unexpected keyword argument")],
+                         ids=["KeyError", "TypeError"])
+def test_a_probe_that_fails_means_unsupported(monkeypatch, error):
+    """What a model's code raises when it cannot take a packed layout: the probe answers "no" (padded rows)."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, *args, **kwargs):
+        raise error
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
+    assert not supports_packing(model)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: out of memory")], ids=["OutOfMemoryError", "message"])
+def test_out_of_memory_in_a_probe_is_raised_not_taken_for_unsupported(monkeypatch, error):
+    """A probe that runs out of memory says nothing about the layout: the error goes to the user (who must lower
+    batch_size or max_length anyway), never a silent switch to the slower padded rows."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, *args, **kwargs):
+        raise error
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
+    with pytest.raises(type(error), match="out of memory"):
+        supports_packing(model)

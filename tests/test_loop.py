@@ -87,6 +87,7 @@ def two_rounds(tmp_path_factory, prompts):
     return out, table
 
 
+@pytest.mark.slow
 def test_a_second_round_beats_the_first(two_rounds):
     _, table = two_rounds
     base, first, second = (row["accuracy"] for row in table)
@@ -97,6 +98,7 @@ def test_a_second_round_beats_the_first(two_rounds):
     assert table[2]["desirable_share"] > table[1]["desirable_share"]
 
 
+@pytest.mark.slow
 def test_every_round_is_a_run_folder(two_rounds):
     out, table = two_rounds
     for r in (1, 2):
@@ -116,6 +118,7 @@ def test_every_round_is_a_run_folder(two_rounds):
     assert json.loads((out / "rounds.json").read_text()) == table
 
 
+@pytest.mark.slow
 def test_a_finished_loop_is_kept_and_other_settings_are_refused(two_rounds, prompts, monkeypatch):
     out, table = two_rounds
     monkeypatch.setattr(kto_lite.training.recipe, "train", lambda *a, **k: pytest.fail("a finished round trained again"))
@@ -124,6 +127,7 @@ def test_a_finished_loop_is_kept_and_other_settings_are_refused(two_rounds, prom
         run_loop(config(out), loop_args(prompts, 2, judge="number"), show_progress=False)
 
 
+@pytest.mark.slow
 def test_a_round_on_reversed_labels_makes_things_worse(tmp_path, prompts):
     table = run_loop(config(tmp_path / "run"), loop_args(prompts, 1, judge=REVERSED), show_progress=False)
     base, reversed_round = table[0]["accuracy"], table[1]["accuracy"]
@@ -165,6 +169,7 @@ def test_judge_is_required(prompts):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_rounds_with_the_reference_it_is_given(tmp_path, capsys):
     train = demo_task.write_prompts(tmp_path / "train.jsonl", 16, seed=1)
     heldout = demo_task.write_prompts(tmp_path / "eval.jsonl", 8, seed=2, split="eval")

@@ -13,7 +13,7 @@ def sigmoid(x):
 
 
 def formula(pol, ref, pol_kl, ref_kl, labels, beta, wd, wu, loss_type):
-    """DESIGN.md / paper eq. 7, one example at a time."""
+    """docs/design.md, "The loss" / paper eq. 7, one example at a time."""
     z0 = max(0.0, sum(p - r for p, r in zip(pol_kl, ref_kl)) / len(pol_kl))
     losses = []
     for p, r, good in zip(pol, ref, labels):

@@ -19,8 +19,9 @@ import torch
 
 import kto_lite.gguf_input as gguf_input
 import kto_lite.model as kto_model
-from kto_lite.errors import ConfigError
+from kto_lite.errors import ConfigError, ModelNotFound
 from kto_lite.memory import GPUS, find_gpu
+from kto_lite.missing_model import not_found_reason
 from kto_lite.model import (
     choose_attn_implementation,
     choose_precision,
@@ -369,3 +370,61 @@ def test_metadata_of_a_file_that_is_not_gguf(tmp_path):
     path.write_bytes(b"PK\x03\x04 a zip file")
     with pytest.raises(ConfigError, match="broken.gguf: not a readable GGUF file"):
         gguf_input._metadata_string(path, "general.type")
+
+
+# ----------------------------------------------------------------------------- a model that cannot be found
+def test_a_model_not_in_the_cache_of_an_offline_machine_is_named_with_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_tokenizer, load_base):
+        with pytest.raises(ModelNotFound) as e:
+            load("nobody/no-such-model")
+        message = str(e.value)
+        assert "model 'nobody/no-such-model' is not in the Hugging Face cache" in message
+        assert "offline (HF_HUB_OFFLINE=1)" in message and "hf download nobody/no-such-model" in message
+
+
+def test_a_missing_folder_and_a_folder_without_a_model_are_named(tmp_path):
+    with pytest.raises(ModelNotFound, match=r"model './no/such/folder': no such folder or file"):
+        load_tokenizer("./no/such/folder")
+    with pytest.raises(ModelNotFound, match=r"is a folder, but not one transformers can load \(it has no config.json\)"):
+        load_base(str(tmp_path))
+
+
+def test_hub_answers_become_advice():
+    """The Hub's own errors (raised online, simulated here) under the OSError transformers wraps them in."""
+    from huggingface_hub import errors as hub_errors
+
+    def wrapped(cause: Exception) -> OSError:
+        try:
+            raise OSError("transformers' message") from cause
+        except OSError as e:
+            return e
+
+    gated = hub_errors.GatedRepoError.__new__(hub_errors.GatedRepoError)  # built without an HTTP response
+    missing = hub_errors.RepositoryNotFoundError.__new__(hub_errors.RepositoryNotFoundError)
+    assert "is gated on the Hugging Face Hub: accept its license" in not_found_reason("org/m", None, wrapped(gated))
+    assert "the Hugging Face Hub has no model by that name" in not_found_reason("org/m", None, wrapped(missing))
+    assert not_found_reason("org/m", None, OSError("disk full")) is None  # not about finding the model
+
+
+def test_chat_with_a_missing_model_exits_2_naming_it(monkeypatch, capsys):
+    from kto_lite.commands import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["chat", "--model", "nobody/no-such-model"]) == 2
+    assert "error: model 'nobody/no-such-model' is not in the Hugging Face cache" in capsys.readouterr().err
+
+
+def test_train_with_a_missing_model_fails_in_the_phase_that_loads_it(monkeypatch, tmp_path, capsys):
+    from kto_lite.commands import main
+    from kto_lite.runs import read_status
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a", "label": true}\n')
+    assert main(["train", "--model", "nobody/no-such-model", "--data", str(data),
+                 "--output_dir", str(tmp_path / "run")]) == 2
+    assert "nobody/no-such-model" in capsys.readouterr().err
+    status = read_status(tmp_path / "run")
+    assert (status["status"], status["phase"]) == ("failed", "loading tokenizer and data")  # not "loading data"
+    assert status["message"].startswith("ModelNotFound: model 'nobody/no-such-model'")

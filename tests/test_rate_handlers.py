@@ -20,9 +20,9 @@ from kto_lite.config import TrainConfig
 from kto_lite.data import encode_prompt, load_data, tokenize
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
 from kto_lite.errors import DataError
-from ui import chat_handlers as ch
-from ui import handlers, jobs
-from ui import rate_handlers as rh
+from ui import jobs
+from ui import runs as ui_runs
+from ui.tabs import chat, rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from demo_task import judge as demo_judge  # noqa: E402
@@ -36,7 +36,7 @@ GEN = dict(max_prompts=8, n=3, temperature=1.0, seed=0, max_new_tokens=12, syste
 def runs(tmp_path, monkeypatch):
     folder = tmp_path / "runs"
     folder.mkdir()
-    monkeypatch.setattr(handlers.SETTINGS, "runs_dir", folder)
+    monkeypatch.setattr(ui_runs.SETTINGS, "runs_dir", folder)
     monkeypatch.setattr(jobs, "JOBS", jobs.JobManager())
     return folder
 
@@ -75,7 +75,7 @@ def make_run(runs: Path, adapter_files: Path, name: str = "20250101-000000-demo"
 
 def generate(source, typed=PROMPTS, prompt_file=None, **options):
     settings = {**GEN, **options}
-    return list(rh.generate(source, "", typed, prompt_file, settings["max_prompts"], settings["n"],
+    return list(rate.generate(source, "", typed, prompt_file, settings["max_prompts"], settings["n"],
                             settings["temperature"], settings["seed"], settings["max_new_tokens"],
                             settings["system"]))
 
@@ -86,18 +86,18 @@ def like(index, liked):
 
 # ---------------------------------------------------------------------- prompts
 def test_prompts_come_from_every_data_format(tmp_path):
-    kto, _ = rh.read_prompts(DEMO_SAMPLES["kto"])
+    kto, _ = rate.read_prompts(DEMO_SAMPLES["kto"])
     assert len(kto) == len({json.loads(line)["prompt"] for line in DEMO_SAMPLES["kto"].open()})  # each once
     assert kto[0] == {"prompt": "What is 29 + 49?", "row": json.loads(DEMO_SAMPLES["kto"].open().readline()),
                       "row_index": 0}
     assert kto[1]["row_index"] == 2  # its row: the answers are seeded as `kto_lite sample` seeds that row
-    messages, _ = rh.read_prompts(DEMO_SAMPLES["messages"])
+    messages, _ = rate.read_prompts(DEMO_SAMPLES["messages"])
     assert messages[0]["prompt"] == [{"role": "user", "content": "What is 29 + 49?"}]  # the answer dropped
-    paired, _ = rh.read_prompts(DEMO_SAMPLES["paired"])
+    paired, _ = rate.read_prompts(DEMO_SAMPLES["paired"])
     assert paired[0]["prompt"] == "What is 29 + 49?"
     csv = tmp_path / "questions.csv"
     csv.write_text("prompt,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,4\n")
-    prompts, columns = rh.read_prompts(csv)
+    prompts, columns = rate.read_prompts(csv)
     assert columns == ["prompt", "answer"] and prompts[1] == {"prompt": "What is 2 + 2?", "row": {
         "prompt": "What is 2 + 2?", "answer": "4"}, "row_index": 1}
 
@@ -106,19 +106,19 @@ def test_a_file_without_prompts_is_a_clear_error(tmp_path):
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question": "hi"}\n')
     with pytest.raises(DataError, match="q.jsonl, line 1: no prompt: a prompt file needs a 'prompt' column"):
-        rh.read_prompts(bad)
+        rate.read_prompts(bad)
     bad.write_text('{"prompt": "hi"}\n{"prompt": 5}\n')
-    state, info = rh.load_prompt_file(bad, "my questions.jsonl")
+    state, info = rate.load_prompt_file(bad, "my questions.jsonl")
     assert state is None and "my questions.jsonl, line 2: 'prompt' must be text" in info and str(bad) not in info
 
 
 def test_a_prompt_file_replaces_the_typed_prompts(runs, adapter_files):
     run = make_run(runs, adapter_files)
-    state, info = rh.on_prompt_sample(next(k for k in handlers.sample_files() if k.startswith("demo_kto")))
+    state, info = rate.on_prompt_sample(next(k for k in ui_runs.sample_files() if k.startswith("demo_kto")))
     assert "distinct prompts" in info
     messages, status, batch = generate(str(run), prompt_file=state, max_prompts=2, n=1)[-1]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["What is 29 + 49?", "What is 32 - 12?"]
-    assert rh.on_prompt_sample(rh.NO_FILE) == (None, "")  # back to the typed prompts, all of them
+    assert rate.on_prompt_sample(rate.NO_FILE) == (None, "")  # back to the typed prompts, all of them
     messages, _, _ = generate(str(run), typed="What is 1 + 1?\nWhat is 2 + 2?\nWhat is 3 + 3?", max_prompts=2,
                               n=1)[-1]
     assert len([m for m in messages if m["role"] == "user"]) == 3  # the cap is for files only
@@ -133,8 +133,8 @@ def test_n_answers_per_prompt_from_the_runs_adapter_reproducibly(runs, adapter_f
     assert [m["role"] for m in messages] == ["user"] + ["assistant"] * 3 + ["user"] + ["assistant"] * 3
     assert [it["index"] for it in batch["items"]] == [1, 2, 3, 5, 6, 7]
     assert all(messages[it["index"]]["content"] == it["completion"] for it in batch["items"])
-    model = ch.get_chat_model(str(run))  # the Chat tab's cached copy answered: adapter on
-    assert model.has_adapter and ch._CACHE["key"] == (str(run), "")
+    model = chat.get_chat_model(str(run))  # the Chat tab's cached copy answered: adapter on
+    assert model.has_adapter and chat._CACHE["key"] == (str(run), "")
     expected = model.sample([{"role": "user", "content": "What is 10 - 4?"}], 3, temperature=1.0,
                             max_new_tokens=12, seed=0, index=1)  # the second prompt
     assert [it["completion"] for it in batch["items"][3:]] == expected
@@ -154,33 +154,33 @@ def test_bad_generation_settings_are_explained(runs, adapter_files):
 def test_thumbs_then_save_write_the_chat_tabs_feedback_rows(runs, adapter_files):
     run = make_run(runs, adapter_files)
     _, _, batch = generate(str(run))[-1]
-    batch, _ = rh.on_rate(batch, like(1, True))
-    batch, _ = rh.on_rate(batch, like(2, False))
-    batch, _ = rh.on_rate(batch, like(3, True))
-    batch, text = rh.on_rate(batch, like(3, ""))  # the same thumb clicked again: un-rated
+    batch, _ = rate.on_rate(batch, like(1, True))
+    batch, _ = rate.on_rate(batch, like(2, False))
+    batch, _ = rate.on_rate(batch, like(3, True))
+    batch, text = rate.on_rate(batch, like(3, ""))  # the same thumb clicked again: un-rated
     assert "1 liked · 1 disliked · 4 unrated" in text
-    text, batch = rh.save_ratings(batch)
+    text, batch = rate.save_ratings(batch)
     rows = [json.loads(line) for line in (run / "feedback.jsonl").read_text().splitlines()]
     assert rows == [{"prompt": "What is 2 + 3?", "completion": batch["items"][0]["completion"], "label": True},
                     {"prompt": "What is 2 + 3?", "completion": batch["items"][1]["completion"], "label": False}]
     assert "Added 2 rated answers" in text and f"`{run.name}/feedback.jsonl` (in the runs folder): 1 liked / 1 " \
         "disliked" in text
-    label, path = next(iter(handlers.feedback_files().items()))  # the Data tab's feedback picker
+    label, path = next(iter(ui_runs.feedback_files().items()))  # the Data tab's feedback picker
     assert path == run / "feedback.jsonl" and "1 liked / 1 disliked" in label
-    assert "Nothing new to save" in rh.save_ratings(batch)[0]  # saved once only
-    _, warning = rh.on_rate(batch, like(1, False))
+    assert "Nothing new to save" in rate.save_ratings(batch)[0]  # saved once only
+    _, warning = rate.on_rate(batch, like(1, False))
     assert "already in the feedback file" in warning and batch["items"][0]["label"] is True
 
 
 def test_the_system_prompt_is_kept_so_training_sees_what_generation_saw(runs, adapter_files):
     run = make_run(runs, adapter_files)
     _, _, batch = generate(str(run), system="Answer with one equation.", n=1)[-1]
-    batch, _ = rh.on_rate(batch, like(1, True))
-    rh.save_ratings(batch)
+    batch, _ = rate.on_rate(batch, like(1, True))
+    rate.save_ratings(batch)
     row = json.loads((run / "feedback.jsonl").read_text())
     assert row["prompt"] == [{"role": "system", "content": "Answer with one equation."},
                              {"role": "user", "content": "What is 2 + 3?"}]
-    model = ch.get_chat_model(str(run))
+    model = chat.get_chat_model(str(run))
     examples, _ = load_data(run / "feedback.jsonl")
     tokenized = tokenize(examples, model.tokenizer, max_length=None, max_prompt_length=None)[0]
     generated_from = model.prompt_ids([{"role": "user", "content": "What is 2 + 3?"}],
@@ -194,8 +194,8 @@ def test_a_judge_rates_the_answers_nobody_rated(runs, adapter_files):
     _, _, batch = generate(str(run), typed=questions, n=4)[-1]
     batch["items"][0]["completion"] = "2 + 3 = 5."  # make sure the judge sees both kinds
     batch["items"][1]["completion"] = "2 + 3 = 6."
-    batch, _ = rh.on_rate(batch, like(2, True))  # a thumb wins over the judge: answer 1 stays 👍
-    update, text, batch = rh.judge_answers(batch, f"python:{rh.DEMO_JUDGE}:judge", "", None)  # the preset
+    batch, _ = rate.on_rate(batch, like(2, True))  # a thumb wins over the judge: answer 1 stays 👍
+    update, text, batch = rate.judge_answers(batch, f"python:{rate.DEMO_JUDGE}:judge", "", None)  # the preset
     expected = [True if i == 1 else demo_judge(it["prompt"], it["completion"]) for i, it in enumerate(batch["items"])]
     assert [it["label"] for it in batch["items"]] == expected
     assert [it["by"] for it in batch["items"]][:2] == ["judge", "you"]
@@ -206,12 +206,35 @@ def test_a_judge_rates_the_answers_nobody_rated(runs, adapter_files):
 def test_a_judge_that_cannot_rate_says_why(runs, adapter_files):
     run = make_run(runs, adapter_files)
     _, _, batch = generate(str(run), n=1)[-1]
-    _, text, _ = rh.judge_answers(batch, "exact", "", None)  # typed prompts have no reference answer
+    _, text, _ = rate.judge_answers(batch, "exact", "", None)  # typed prompts have no reference answer
     assert "could not rate 2 answer(s)" in text and "needs a reference answer" in text
     assert all(it["label"] is None for it in batch["items"])
-    assert "unknown judge" in rh.judge_answers(batch, "telepathy", "", None)[1]
-    assert "must be a number" in rh.judge_answers(batch, "exact", "", "high")[1]
-    assert "threshold applies to python judges" in rh.judge_answers(batch, "exact", "", "0.5")[1]
+    assert "unknown judge" in rate.judge_answers(batch, "telepathy", "", None)[1]
+    assert "must be a number" in rate.judge_answers(batch, "exact", "", "high")[1]
+    assert "threshold applies to python judges" in rate.judge_answers(batch, "exact", "", "0.5")[1]
+
+
+def test_only_judges_that_can_rate_the_rows_are_offered(runs, adapter_files, tmp_path):
+    run = make_run(runs, adapter_files)  # on the demo model
+    typed = rate.judge_choices(None, str(run))  # typed prompts have no reference answer
+    assert [v for _, v in typed] == [rate.BY_HAND, f"python:{rate.DEMO_JUDGE}:judge"]
+    state, _ = rate.on_prompt_sample(next(k for k in rate._shipped_files() if k.startswith("smollm2_addition_held")))
+    with_answers = rate.judge_choices(state, str(run))
+    assert [v for _, v in with_answers][:4] == [rate.BY_HAND, "number", "exact", "contains"]
+    assert "'answer' column" in with_answers[1][0]
+    other = make_run(runs, adapter_files, "20250101-000001-other")
+    settings = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**settings, "model": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert [v for _, v in rate.judge_choices(None, str(other))] == [rate.BY_HAND]  # the demo judge is the demo's
+    update = rate.refresh_judges(None, str(run), "", "number")  # a choice that no longer applies
+    assert update["value"] == rate.BY_HAND
+
+
+def test_by_hand_is_the_default_and_needs_no_judge(runs, adapter_files):
+    run = make_run(runs, adapter_files)
+    _, _, batch = generate(str(run), n=1)[-1]
+    _, text, _ = rate.judge_answers(batch, rate.BY_HAND, "", None)
+    assert "Choose a judge first" in text and all(it["label"] is None for it in batch["items"])
 
 
 # ---------------------------------------------------------------------- the next round
@@ -227,16 +250,19 @@ def test_next_round_trains_from_the_runs_adapter_on_its_feedback(runs, adapter_f
     run = make_run(runs, adapter_files, beta=0.3, learning_rate=4e-4)
     _, _, batch = generate(str(run))[-1]
     for index in (1, 2, 5):
-        batch, _ = rh.on_rate(batch, like(index, index != 2))
-    assert "not saved yet" in rh.train_next_round(str(run), "", batch, 2, "init_adapter")[0]
-    _, batch = rh.save_ratings(batch)
-    message, command = rh.train_next_round(str(run), "", batch, 2, "init_adapter")
+        batch, _ = rate.on_rate(batch, like(index, index != 2))
+    assert "not saved yet" in rate.train_next_round(str(run), "", batch, 2, "init_adapter")[0]
+    _, batch = rate.save_ratings(batch)
+    message, command = rate.train_next_round(str(run), "", batch, 2, "init_adapter")
     (argv, out), = started
     config = train_config(argv[3:])  # what `python -m kto_lite train` will parse
     assert argv[:3] == ["-m", "kto_lite", "train"] and f"--init_adapter {run}" in command
     assert config.init_adapter == str(run) and config.reference == "init_adapter"
     assert (config.model, config.lora_r, config.beta) == (str(DEMO_MODEL_DIR), 4, 0.3)  # the run's settings
     assert config.learning_rate == pytest.approx(2e-4)  # at half the run's rate, as the loop's later rounds
+    # the weights follow the new feedback (1 liked / 2 disliked here), by TrainConfig's own `auto` rule:
+    # the run's config.yaml holds the numbers its own data gave, and the command does not repeat them
+    assert (config.desirable_weight, config.undesirable_weight) == ("auto", "auto") and "weight" not in command
     assert config.num_epochs == 2 and config.max_steps is None and Path(config.output_dir) == out
     assert out.parent == runs and out.name.endswith("-demo-round-2") and "demo-round-2" in message
     snapshot = Path(config.data)  # a copy: more ratings later do not change what this run trained on
@@ -248,7 +274,7 @@ def test_round_numbers_follow_the_init_adapter_chain(runs, adapter_files, starte
     first = make_run(runs, adapter_files, "20250101-000000-demo")
     second = make_run(runs, adapter_files, "20250102-000000-demo-round-2", init_adapter=str(first))
     (second / "feedback.jsonl").write_text('{"prompt": "a", "completion": "b", "label": true}\n')
-    rh.train_next_round(str(second), "", None, None, "base")
+    rate.train_next_round(str(second), "", None, None, "base")
     (argv, out), = started
     assert out.name.endswith("-demo-round-3")
     assert train_config(argv[3:]).num_epochs == TrainConfig().num_epochs  # empty epochs: as the run
@@ -256,22 +282,23 @@ def test_round_numbers_follow_the_init_adapter_chain(runs, adapter_files, starte
 
 def test_next_round_needs_feedback_and_a_free_trainer(runs, adapter_files, started, monkeypatch):
     run = make_run(runs, adapter_files)
-    assert "No feedback yet" in rh.train_next_round(str(run), "", None, None, "base")[0]
+    assert "No feedback yet" in rate.train_next_round(str(run), "", None, None, "base")[0]
     (run / "feedback.jsonl").write_text('{"prompt": "a", "completion": "b", "label": true}\n')
     monkeypatch.setattr(jobs, "find_active", lambda runs_dir: run)
-    assert "Busy" in rh.train_next_round(str(run), "", None, None, "base")[0]
+    assert "Busy" in rate.train_next_round(str(run), "", None, None, "base")[0]
     assert started == []
 
 
 def test_the_base_model_starts_a_first_round(runs, started):
-    ch.record_feedback(ch.BASE, "", "What is 1 + 1?", "1 + 1 = 2.", True)
-    rh.train_next_round(ch.BASE, "", None, None, "init_adapter")
+    chat.record_feedback(ui_runs.BASE, "", "What is 1 + 1?", "1 + 1 = 2.", True)
+    rate.train_next_round(ui_runs.BASE, "", None, None, "init_adapter")
     (argv, out), = started
     config = train_config(argv[3:])
     assert config.init_adapter is None and config.reference == "base" and out.name.endswith("-demo-round-1")
     assert Path(config.data).read_text() == (runs / "_feedback" / "demo.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_the_next_round_really_trains_from_the_previous_adapter(runs):
     """Round 1 trained for real, rated with the demo judge in the app, round 2 started as the button does."""
     from safetensors.torch import load_file
@@ -283,9 +310,9 @@ def test_the_next_round_really_trains_from_the_previous_adapter(runs):
     first = train(TrainConfig(data=str(DEMO_SAMPLES["kto"]), output_dir=str(runs / "20250101-000000-demo"),
                               **small), show_progress=False)
     _, _, batch = generate(str(first), typed="What is 2 + 3?\nWhat is 9 - 4?", n=4)[-1]
-    _, _, batch = rh.judge_answers(batch, f"python:{rh.DEMO_JUDGE}:judge", "", None)
-    rh.save_ratings(batch)
-    message, command = rh.train_next_round(str(first), "", batch, 1, "init_adapter")
+    _, _, batch = rate.judge_answers(batch, f"python:{rate.DEMO_JUDGE}:judge", "", None)
+    rate.save_ratings(batch)
+    message, command = rate.train_next_round(str(first), "", batch, 1, "init_adapter")
     assert message.startswith("▶ Started"), message
     second = jobs.JOBS.run
     assert jobs.JOBS.proc.wait(timeout=600) == 0, jobs.log_tail(second)

@@ -25,6 +25,7 @@ from kto_lite.data import Example, tokenize
 from kto_lite.feedback.chat import ChatModel
 from kto_lite.model import load_base, load_tokenizer, resolve_model
 
+pytestmark = pytest.mark.real_model
 QUESTIONS = [("What is 2+3?", "5"), ("What is 4+4?", "8"), ("What is 7-2?", "5"), ("What is 3*3?", "9")]
 ROWS = [r for q, a in QUESTIONS for r in (
     {"prompt": q, "completion": f"The answer is {a}.", "label": True},

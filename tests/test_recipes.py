@@ -38,7 +38,7 @@ def test_there_is_a_recipe_per_model_and_task():
 def test_recipe_is_a_valid_config(path):
     config = TrainConfig.load(path)
     assert config.model and config.data and config.output_dir.startswith("runs/")
-    assert config.batch_size >= 4  # z0 is estimated on each batch (DESIGN.md)
+    assert config.batch_size >= 4  # z0 is estimated on each batch (docs/design.md, "The loss")
     assert 16 <= config.batch_size * config.gradient_accumulation_steps <= 128
 
 
@@ -56,11 +56,31 @@ def test_recipe_fits_its_tier_and_states_the_current_estimate(path):
     assert fields["measured_peak_gib"]  # a number once measured on the card, "not yet measured" until then
 
 
+# ---------------------------------------------------------------------- the README's GPU table
+def gpu_table():
+    spec = importlib.util.spec_from_file_location("gpu_table", RECIPES / "gpu_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_gpu_table_is_the_one_the_estimator_generates():
+    """One source of truth: the committed table is recipes/gpu_table.py's output, not typed numbers."""
+    table = gpu_table()
+    assert table.committed() == table.table(), "out of date: run python recipes/gpu_table.py"
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
-def test_recipe_readme_row_matches_the_header(path):
-    rows = [line for line in (RECIPES / "README.md").read_text().splitlines() if f"[`{path.name}`]" in line]
-    assert len(rows) == 1, f"recipes/README.md has no table row for {path.name}"
-    assert f"{header(path)['estimated_peak_gib'].split()[0]} GiB" in rows[0]
+def test_readme_row_says_the_smallest_card_that_fits(path):
+    """A recipe is listed for the smallest card it fits (an 8.4 GiB run is a 12 GB card's, not only a T4's)."""
+    table = gpu_table()
+    row = next(line for line in table.table().splitlines() if f"[`{path.name}`]" in line)
+    processes = int(header(path).get("processes", 1))
+    config = TrainConfig.load(path)
+    fits = [name for name in table.CARDS if estimate_memory(config, gpu_name=name, processes=processes).total
+            <= MAX_FILL * find_gpu(name).vram_gib * GIB]
+    assert fits and f"{fits[0]} ({table.CARDS[fits[0]]} GB)" in row
+    assert f"{header(path)['estimated_peak_gib'].split()[0]} GiB" in row  # the header states the same estimate
 
 
 # ---------------------------------------------------------------------- prepare_ultrafeedback.py

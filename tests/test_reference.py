@@ -62,3 +62,22 @@ def test_fingerprint_ignores_adapters_but_sees_weights(models, tmp_path):
     make_model_dir(path, seed=5)  # the model rebuilt in place: new weights, same name
     assert model_fingerprint(load_base(str(path))) != first
     assert model_fingerprint(load_base(str(path), load_in_4bit=False)) != model_fingerprint(load_base(str(path)))
+
+
+@pytest.mark.parametrize("library", ["torch", "transformers", "bitsandbytes"])
+def test_fingerprint_changes_with_the_libraries_that_compute_the_numbers(models, monkeypatch, library):
+    """An upgrade that may change a model's numbers (kernels, attention, 4-bit dequantization) never reuses
+    log-probs computed before it."""
+    import importlib
+
+    module = importlib.import_module(library)
+    before = model_fingerprint(models[0])
+    monkeypatch.setattr(module, "__version__", module.__version__ + ".post1")
+    assert model_fingerprint(models[0]) != before
+
+
+def test_fingerprint_changes_with_the_attention_implementation(tmp_path):
+    path = make_model_dir(tmp_path / "m", seed=0)
+    sdpa = load_base(str(path), load_in_4bit=False, attn_implementation="sdpa")
+    eager = load_base(str(path), load_in_4bit=False, attn_implementation="eager")
+    assert model_fingerprint(sdpa) != model_fingerprint(eager)

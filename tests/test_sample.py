@@ -103,6 +103,7 @@ def test_rows_the_judge_fails_on_are_set_aside_with_the_reason(tmp_path, capsys)
     assert "could not label 2 samples" in printed and "line 2, sample 0:" in printed
 
 
+@pytest.mark.slow
 def test_resumes_after_a_real_kill_to_the_same_file(tmp_path):
     prompts = demo_task.write_prompts(tmp_path / "prompts.jsonl", 60, seed=0)
     command = ["--prompts", str(prompts), "--n", "2", "--seed", "3", "--judge", "exact", *ARGS]

@@ -222,6 +222,7 @@ def _cli(workdir, name, *extra):
             "--max_length", "64", "--max_prompt_length", "32", "--lora_r", "4", *extra]
 
 
+@pytest.mark.slow
 def test_sigint_stops_gracefully(workdir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(_cli(workdir, "sigint", "--max_steps", "500", "--gradient_accumulation_steps", "1"),
@@ -238,6 +239,7 @@ def test_sigint_stops_gracefully(workdir):
     assert (workdir / "sigint" / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
 
 
+@pytest.mark.multiprocess
 def test_two_process_cpu_run(workdir):
     """torchrun --nproc_per_node 2 (gloo): z0 and metrics are reduced across the processes; only the
     main process decides what happens to an existing output_dir."""
@@ -268,6 +270,7 @@ def test_two_process_cpu_run(workdir):
     assert status["timing"]["tokens"] == expected
 
 
+@pytest.mark.multiprocess
 def test_fsdp_trains_what_ddp_trains(workdir):
     """fsdp: true under torchrun (2 CPU processes, gloo): the 4-bit base, LoRA weights, gradients and optimizer
     state sharded with fully_shard; the same losses, margins and adapter as the same launch with DDP. Its
@@ -306,7 +309,7 @@ def test_fsdp_trains_what_ddp_trains(workdir):
     assert 0.45 < status["timing"]["fsdp_weights_per_process"] < 0.55  # each process holds half the weights
 
 
-# ---------------------------------------------------------------------- issue 11: defects found in review
+# ---------------------------------------------------------------------- epochs, schedules, splits, resuming
 def count_reference_passes(monkeypatch):
     """Patch the reference pass to count its calls (examples and KL rows, per split and epoch)."""
     import kto_lite.training.recipe as train_module
@@ -401,7 +404,7 @@ def test_max_length_alone_trains(workdir):
     assert (saved.max_length, saved.max_prompt_length) == (48, 24)
 
 
-# ---------------------------------------------------------------------- issue 10: the NaN guard
+# ---------------------------------------------------------------------- the NaN guard
 def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, monkeypatch):
     import kto_lite.training.recipe as train_module
 
@@ -435,7 +438,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, monkeypatch):
     assert status["status"] == "failed" and "Lower learning_rate" in status["message"]
 
 
-# ---------------------------------------------------------------------- issue 12: rounds (init_adapter, reference)
+# ---------------------------------------------------------------------- rounds (init_adapter, reference)
 def direct_logps(workdir, adapter_dir, rows: Rows):
     """log-probs of `rows` under a freshly loaded base, and under base + the adapter at `adapter_dir`."""
     base = load_base(str(workdir / "model"))
@@ -503,7 +506,7 @@ def test_fixed_kl_pairing_pays_the_kl_reference_pass_once(workdir, monkeypatch):
 
 
 def test_the_command_line_prints_nothing_a_user_cannot_act_on(workdir):
-    """No bitsandbytes "install kernels" advice, no transformers FutureWarnings (issue 11); the summary."""
+    """No bitsandbytes "install kernels" advice, no transformers FutureWarnings; the summary."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(_cli(workdir, "quiet", "--max_steps", "1"), env=env, capture_output=True, text=True,
                             timeout=300)
@@ -513,7 +516,7 @@ def test_the_command_line_prints_nothing_a_user_cannot_act_on(workdir):
     assert f"chat with it   python -m kto_lite chat --adapter {workdir / 'quiet'}" in result.stdout
 
 
-# ---------------------------------------------------------------------- issue 14: shared prompts
+# ---------------------------------------------------------------------- shared prompts
 def test_shared_prompts_train_the_same_numbers(workdir, monkeypatch):
     """An example and its KL row scored after one copy of their prompt (one forward for the loss and z0, one
     reference pass for the examples and every epoch's KL rows) train what separate rows train."""
@@ -543,3 +546,96 @@ def test_share_prompts_is_refused_where_it_cannot_work(workdir):
         make_recipe(config(workdir, "share_padded", share_prompts=True, padding_free=False))
     auto = make_recipe(config(workdir, "share_auto_step", kl_over_step=True))
     assert (auto.layout.shared_reference, auto.layout.shared_training) == (True, False)  # the reference pass still shares
+
+
+def test_reference_on_the_fly_runs_once_per_micro_batch_on_shared_rows(workdir, monkeypatch):
+    """precompute_reference: false: shared rows give the examples' and the KL rows' reference log-probs in one
+    adapters-off pass per micro-batch; separate rows need two (examples, KL rows)."""
+    import kto_lite.training.recipe as train_module
+
+    passes = []
+    real = train_module.reference_mode
+
+    def counting(model):
+        passes.append(1)
+        return real(model)
+
+    monkeypatch.setattr(train_module, "reference_mode", counting)
+    for share, per_micro_batch in ((True, 1), (False, 2)):
+        recipe = make_recipe(config(workdir, f"on_the_fly_{share}", precompute_reference=False, share_prompts=share,
+                                    max_steps=2))
+        passes.clear()
+        for step in recipe.steps:
+            assert recipe.train_step([recipe.micro_batch(recipe.train_split, e, i) for e, i in step], Meter())
+        assert len(passes) == per_micro_batch * sum(len(step) for step in recipe.steps), share
+
+
+# ---------------------------------------------------------------------- precision a model cannot train in
+@pytest.mark.parametrize("gpu", ["T4", "V100"])
+def test_a_model_that_overflows_fp16_is_refused_before_training_on_fp16_gpus(workdir, monkeypatch, gpu):
+    """Gemma-2's activations exceed fp16's range: on a GPU without bf16 the run would stop after 20 skipped steps.
+    It is refused before anything loads, with what to do instead; a model that trains in fp16 is not."""
+    from test_model_loading import simulate
+    from tiny_models import make_arch_model_dir
+
+    import kto_lite.training.recipe as train_module
+
+    gemma = make_arch_model_dir(workdir / f"gemma2_{gpu}", "gemma2")
+    simulate(monkeypatch, gpu)
+    monkeypatch.setattr(train_module, "Accelerator", None)  # nothing may start: the check comes first
+    with pytest.raises(ConfigError, match=r"Gemma-2.*fp16.*mixed_precision: no.*another model"):
+        train(config(workdir, f"gemma_fp16_{gpu}", model=str(gemma), max_steps=1), show_progress=False)
+    assert not (workdir / f"gemma_fp16_{gpu}").exists()
+    from kto_lite.model import check_precision
+
+    check_precision(str(workdir / "model"), "fp16")  # Llama: trains in fp16 with loss scaling
+    check_precision(str(gemma), "no")  # fp32: no overflow
+    check_precision(str(gemma), "bf16")
+
+
+def test_setup_falls_back_to_padded_rows_when_attention_gets_no_position_ids(workdir, monkeypatch):
+    """A model whose attention is not given the position ids: the layout probe says no, the run trains on padded
+    rows, and status.json says so."""
+    from test_logps import drop_position_ids
+
+    drop_position_ids(monkeypatch)
+    out = train(config(workdir, "no_position_ids", max_steps=1), show_progress=False)
+    layout = read_status(out)["layout"]
+    assert layout["packed"] is False and layout["shared_reference"] is False
+    assert layout["why"].startswith("padded rows (packed rows would change this model's numbers")
+    assert read_status(out)["status"] == "finished"
+
+
+# ---------------------------------------------------------------------- evaluation never costs the run
+def test_eval_plan_deals_every_held_out_example_once_over_the_processes(workdir):
+    """3 held-out batches over 2 processes: process 0 gets two, process 1 one and a stand-in (None) for the
+    second round; one batch over 2 processes: one each, a stand-in on process 1. No batch is dropped."""
+    recipe = make_recipe(config(workdir, "eval_plan", max_steps=1, eval_data=str(workdir / "heldout.jsonl")))
+    for n_examples, world in ((40, 3), (12, 2), (3, 2)):
+        recipe.eval_split.examples = recipe.eval_split.examples[:n_examples]
+        plans = []
+        for rank in range(world):
+            recipe.accelerator = type("Launch", (), {"num_processes": world, "process_index": rank})()
+            plans.append(recipe.eval_plan())
+        assert len({len(plan) for plan in plans}) == 1  # the same number of rounds on every process
+        dealt = sorted(i for plan in plans for batch in plan if batch is not None for i in batch)
+        assert dealt == list(range(n_examples)), (n_examples, world)
+
+
+def test_a_failing_last_evaluation_leaves_a_resumable_run(workdir, monkeypatch, capsys):
+    """The last step's checkpoint is written before its evaluation runs: an evaluation that fails loses nothing,
+    and resuming finishes the run from that step."""
+    def broken(self):
+        raise RuntimeError("evaluation failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(Recipe, "evaluate", broken)
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            train(config(workdir, "eval_fails", max_steps=3, eval_data=str(workdir / "heldout.jsonl")),
+                  show_progress=False)
+    assert read_status(workdir / "eval_fails")["status"] == "failed"
+    train(config(workdir, "eval_fails", max_steps=3, eval_data=str(workdir / "heldout.jsonl"),
+                 resume_from_checkpoint=True), show_progress=False)
+    assert "at step 3" in capsys.readouterr().out
+    assert read_status(workdir / "eval_fails")["status"] == "finished"
+    assert (workdir / "eval_fails" / "adapter_model.safetensors").is_file()

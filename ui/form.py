@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from kto_lite.config import TrainConfig
+from kto_lite.errors import ConfigError
 
 # Which section shows a field. Fields not named here go to "advanced"; APP_SET ones are not shown.
 SECTIONS = {
@@ -25,7 +26,8 @@ SECTIONS = {
     "kto": ("beta", "desirable_weight", "undesirable_weight", "loss_type"),
     "lora": ("lora_r", "lora_alpha", "lora_dropout", "max_length", "max_prompt_length", "seed"),
 }
-APP_SET = ("data", "output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # the app decides these
+# The app decides these: the Data tab gives data (and maps columns into a file of its own), a run gets a new folder.
+APP_SET = ("data", "columns", "output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 TRISTATE = ("auto", "true", "false")  # bool | None fields: auto = None
 
 
@@ -78,11 +80,28 @@ def section_of(name: str) -> str:
 
 
 def _text(value) -> str:
-    if value is None:
+    if value is None or value == {}:
         return ""
     if isinstance(value, list):
         return "[" + ", ".join(map(str, value)) + "]"
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
     return str(value)
+
+
+def placeholders(specs: list[FieldSpec], config: TrainConfig) -> dict[str, str]:
+    """What an empty optional number means for `config` (its model's defaults, TrainConfig.resolved):
+    shown greyed in the empty field, so an unset field never reads as 0."""
+    try:
+        resolved = config.resolved()
+    except ConfigError:  # e.g. an init_adapter that is not there yet: the field help still says it
+        resolved = config
+    out = {}
+    for spec in specs:
+        if spec.optional and spec.kind in ("integer", "number"):
+            value = getattr(resolved, spec.name)
+            out[spec.name] = "empty: not set" if value is None else f"empty: {value:g}"
+    return out
 
 
 # ---------------------------------------------------------------------- form -> config
@@ -98,14 +117,37 @@ def form_to_dict(specs: list[FieldSpec], values: list) -> dict:
                 value = None
             elif spec.numeric and _is_number(value):
                 value = float(value)
-            elif value.startswith("[") or (spec.name == "lora_target_modules" and "," in value):
-                value = yaml.safe_load(value) if value.startswith("[") else [v.strip() for v in value.split(",")]
-        elif spec.kind in ("integer", "number") and spec.optional and not value:
-            value = None  # Gradio shows an empty number as 0: for optional fields 0 means "not set"
-        elif spec.kind == "integer" and value is not None:
-            value = int(value)
+            elif value.startswith(("[", "{")) or (spec.name == "lora_target_modules" and "," in value):
+                value = _yaml(spec, value) if value.startswith(("[", "{")) else [v.strip() for v in value.split(",")]
+        elif spec.kind in ("integer", "number"):
+            value = _number(spec, value)
         out[spec.name] = value
     return out
+
+
+def _number(spec: FieldSpec, value):
+    """A number field's value: a number, or text (the app shows optional numbers as text boxes, so that an
+    unset one is empty, not 0). Empty, and 0 for an optional field (scripts written for the number box), mean
+    not set."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value and not _is_number(value):
+            raise ConfigError(f"{spec.name}: {value!r} is not a number")
+        value = float(value) if value else None
+    if spec.optional and not value:
+        return None
+    if value is None:
+        raise ConfigError(f"{spec.name}: a number is needed")
+    if spec.kind == "integer" and value != int(value):
+        raise ConfigError(f"{spec.name}: {value!r} is not a whole number")
+    return int(value) if spec.kind == "integer" else value
+
+
+def _yaml(spec: FieldSpec, text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{spec.name}: {text!r} is not a valid list or mapping ({e.problem})") from e
 
 
 def _is_number(text: str) -> bool:
@@ -173,7 +215,7 @@ def command_line(argv: list[str]) -> str:
 
 
 def resume_argv(run: Path) -> list[str]:
-    """Resume = the run's own saved config, with --resume_from_checkpoint true (DESIGN.md)."""
+    """Resume = the run's own saved config, with --resume_from_checkpoint true (docs/design.md, "The run folder")."""
     run = Path(run)
     return ["-m", "kto_lite", "train", str(run / "config.yaml"), "--output_dir", str(run),
             "--resume_from_checkpoint", "true"]

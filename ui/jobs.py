@@ -3,7 +3,7 @@
 The app never trains in its own process. It starts the command a user would type,
 `python -m kto_lite train --FIELD VALUE ...`, in a new session (closing the app or the browser does not
 stop it), and follows it only by reading the run folder the trainer writes: status.json and
-metrics.jsonl (DESIGN.md). So a page reload, a second tab or a restarted app finds a running job again
+metrics.jsonl (docs/design.md, "The run folder"). So a page reload, a second tab or a restarted app finds a running job again
 by scanning the runs folder for a `running` status whose pid is alive.
 
 stdout and stderr go to <run>/train.log. The trainer refuses an output_dir that already holds files, so
@@ -126,8 +126,9 @@ def run_state(run: Path) -> RunState:
                      status.get("total_steps"), status.get("message", ""), status.get("pid"))
     if state.state == "running":
         if not pid_alive(state.pid) or JOBS.exited(run):
-            state.state = "failed"
-            state.message = "the training process ended without saying why; see the log below"
+            state.state = "failed"  # killed (the OOM killer sends SIGKILL) or crashed before writing its status
+            state.message = ("the training process is gone without saying why (killed, e.g. out of memory?); "
+                             "its last log lines:")
         elif JOBS.stop_requested(run):
             state.state = "stopping"
     return state
@@ -145,6 +146,12 @@ def find_active(runs_dir: Path) -> Path | None:
         if status.get("status") == "running" and pid_alive(status.get("pid")):
             return run
     return None
+
+
+def busy_message(run: Path) -> str:
+    """What a second start is told: the run that holds the device."""
+    return (f"**Busy:** `{run.name}` is training: one job at a time. Stop it (Train tab) or wait for it to "
+            "finish, then start again.")
 
 
 # ---------------------------------------------------------------------- progress
@@ -195,6 +202,11 @@ def metric_frames(run: Path | None) -> dict:
         frame = pd.DataFrame(padding + points, columns=["step", "value", "series"])
         frames[title] = frame.astype({"step": "int64", "value": "float64"})
     return frames
+
+
+def steps_logged(run: Path) -> int:
+    """Training lines in metrics.jsonl (points a curve can be drawn through)."""
+    return sum(1 for row in read_metrics(run) if "step" in row and "loss" in row)
 
 
 def _has_eval(run: Path) -> bool:

@@ -1,11 +1,13 @@
 """`python -m kto_lite chat`: a terminal chat with a base model or a trained adapter (feedback/chat.py's ChatModel).
 
     python -m kto_lite chat [--model M] [--adapter DIR] [--base] [--system TEXT] [--temperature T]
+    echo "What is 2 + 3?" | python -m kto_lite chat     # questions piped on stdin: only the replies are printed
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 
 from kto_lite.commands import cli
@@ -14,10 +16,15 @@ from kto_lite.feedback.chat import ChatModel
 from kto_lite.runs import check_adapter_dir
 
 HELP = "commands: /reset clears the conversation, /quit (or Ctrl-D) exits; Ctrl-C stops a reply, twice exits"
+PIPED = """questions can also be piped on stdin, one per line, each a turn of the same conversation; only the
+replies are printed then, one per question (the model's name goes to stderr):
+  echo "What is 2 + 3?" | python -m kto_lite chat
+  python -m kto_lite chat --adapter runs/demo < questions.txt > answers.txt
+"""
 
 
 def build_parser() -> cli.Parser:
-    p = cli.Parser("chat", "Chat with a base model or an adapter in the terminal.")
+    p = cli.Parser("chat", f"Chat with a base model or an adapter in the terminal.\n\n{HELP}\n{PIPED}")
     p.add_flag("model", metavar="M",
                help="base model (hub id or path); default: the adapter's base, else the built-in demo model")
     p.add_flag("adapter", metavar="DIR", help="a training run's output_dir (or any PEFT adapter folder)")
@@ -53,15 +60,17 @@ def _chat(args) -> int:
     who = chat.model_name
     if chat.has_adapter:
         who += f" + adapter {chat.adapter_dir}" + (" (disabled: --base)" if args.base else "")
-    print(f"chatting with {who}, {'4-bit' if chat.load_in_4bit else 'unquantized'}\n{HELP}", flush=True)
+    interactive = sys.stdin.isatty()  # piped questions: stdout gets the replies alone
+    banner = f"chatting with {who}, {'4-bit' if chat.load_in_4bit else 'unquantized'}"
+    print(f"{banner}\n{HELP}" if interactive else banner, file=sys.stdout if interactive else sys.stderr, flush=True)
     options = dict(use_adapter=not args.base, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, system_prompt=args.system)
     history: list[dict] = []
     while True:
         try:
-            user = input("\nyou> ")
+            user = input("\nyou> " if interactive else "")
         except (EOFError, KeyboardInterrupt):
-            print()
+            print(end="\n" if interactive else "")  # a terminal's prompt line ends; piped output stays the replies
             return 0
         if user.strip() in ("/quit", "/exit"):
             return 0
@@ -73,16 +82,16 @@ def _chat(args) -> int:
             continue
         history.append({"role": "user", "content": user})
         try:
-            reply = _print_reply(chat, history, options)
+            reply = _print_reply(chat, history, options, prefix="bot> " if interactive else "")
         except KeyboardInterrupt:  # a second Ctrl-C while the first one was stopping the reply
             print()
             return 0
         history.append({"role": "assistant", "content": reply})
 
 
-def _print_reply(chat: ChatModel, history: list[dict], options: dict) -> str:
+def _print_reply(chat: ChatModel, history: list[dict], options: dict, prefix: str) -> str:
     """Stream one reply to stdout; Ctrl-C stops it (the text so far is kept). Returns the reply."""
-    print("bot> ", end="", flush=True)
+    print(prefix, end="", flush=True)
     stop, shown = threading.Event(), ""
     replies = chat.stream(history, stop_event=stop, **options)
     try:

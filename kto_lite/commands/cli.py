@@ -3,7 +3,10 @@
 - Flags are spelled like the config fields: `--max_length 16` (the dashed `--max-length` is accepted
   too), and a flag named after a TrainConfig field takes its help text from the field.
 - Values are read as YAML scalars (`true`, `1e-4`, `[q_proj, v_proj]`), then checked by TrainConfig.
-- An unknown flag gets a did-you-mean; usage and input errors exit 2, failures while running exit 1.
+- `--column NAME=CANONICAL` (repeatable) is the one-column spelling of the `columns` field, wherever
+  `--columns` is a flag.
+- A usage error prints what is wrong first (an unknown flag: the closest known one), then one usage
+  line; usage and input errors exit 2, failures while running exit 1.
 
 argparse (standard library) does the parsing; `Parser` only adds the did-you-mean and the exit codes.
 transformers' HfArgumentParser was considered: it cannot type a field that is a number or "auto"
@@ -23,7 +26,7 @@ from collections.abc import Callable
 
 import yaml
 
-from kto_lite.config import TrainConfig
+from kto_lite.config import TrainConfig, column_map, column_pair
 from kto_lite.errors import UserError
 
 EXIT_USAGE = 2  # a usage or input error: fix the command or the file
@@ -46,6 +49,15 @@ def yaml_value(text: str):
     return value
 
 
+class UsageExit(SystemExit):
+    """A command line that cannot be parsed: exit 2 once the message is printed; `message` keeps what was wrong
+    (for `train`'s status.json)."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with kto_lite's conventions: underscore flags (dashes accepted), did-you-mean, exit 2."""
 
@@ -59,20 +71,33 @@ class Parser(argparse.ArgumentParser):
         return self.add_argument(*flags, *args, dest=name, **kwargs)
 
     def add_config_fields(self, names: list[str] | None = None, *, exclude: tuple[str, ...] = ()) -> None:
-        """TrainConfig fields as flags (all of them by default). Unset flags stay out of the namespace."""
+        """TrainConfig fields as flags (all of them by default). Unset flags stay out of the namespace.
+
+        A flag the command already has keeps the command's meaning (`loop --judge` judges its samples; the
+        config field `judge` is the judged evaluation inside one training run)."""
 
         group = self.add_argument_group("config fields (YAML keys; see README, Configuration)")
+        added = set()
         for f in dataclasses.fields(TrainConfig):
+            if f"--{f.name}" in self._option_string_actions:
+                continue
             if (names is None or f.name in names) and f.name not in exclude:
                 flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
                 default = "empty" if f.default is None else f.default
                 if f.default is dataclasses.MISSING:
                     default = f.default_factory()
+                text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse %-formats help
                 group.add_argument(*flags, dest=f.name, type=yaml_value, default=argparse.SUPPRESS,
-                                   metavar="VALUE", help=f"{f.metadata['help']} (default: {default})")
+                                   metavar="VALUE", help=text)
+                added.add(f.name)
+                if f.name == "columns":
+                    group.add_argument("--column", dest="column", action="append", default=argparse.SUPPRESS,
+                                       metavar="NAME=CANONICAL", help="one entry of columns: read the file's column "
+                                       "NAME as CANONICAL, e.g. --column question=prompt; repeatable")
+        self.set_defaults(config_fields=added | (self.get_default("config_fields") or set()))  # config_overrides
 
     def error(self, message: str):
-        """Unknown flags get the closest known spelling; exit code 2."""
+        """What is wrong first (an unknown flag gets the closest known spelling), then one usage line; exit 2."""
         unknown = re.search(r"unrecognized arguments: (.*)", message)
         if unknown:
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -81,17 +106,31 @@ class Parser(argparse.ArgumentParser):
                 if arg.startswith("--"):
                     close = difflib.get_close_matches(arg.split("=")[0], known, n=1)
                     hints.append(f"{arg}: did you mean {close[0]}?" if close else f"{arg}: no such flag")
-            if hints:
-                message += "\n  " + "\n  ".join(hints)
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+            if hints:  # the value after an unknown flag is unrecognized too: the hints say all there is
+                message = "\n  ".join(hints)
+        self._print_message(f"{self.prog}: error: {message}\n{self.short_usage()}\n", sys.stderr)
+        raise UsageExit(message)
+
+    def short_usage(self) -> str:
+        """One line: the command, its positional arguments and required flags (argparse's full usage
+        lists every flag, over thirty lines for `train`)."""
+        shown = [a for a in self._actions if not a.option_strings or a.required]
+        formatter = self._get_formatter()
+        formatter.add_usage(None, shown, [])
+        usage = " ".join(formatter.format_help().split())
+        return f"{usage} [options]   (--help lists them)"
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields given on the command line (flags added by `add_config_fields`)."""
+    """The TrainConfig fields given on the command line (flags added by `add_config_fields`; a command's own
+    flag of the same name is not one)."""
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    names = getattr(args, "config_fields", set())
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "column", None):  # --column NAME=CANONICAL entries, on top of --columns
+        pairs = dict(column_pair(item, "--column") for item in args.column)
+        overrides["columns"] = {**column_map("--columns", overrides.get("columns")), **pairs}
+    return overrides
 
 
 def run(main: Callable[[], int | None]) -> int:

@@ -20,8 +20,8 @@ from kto_lite.export.modelfile import modelfile, write_modelfile
 from kto_lite.files import format_bytes
 from kto_lite.gguf_input import gguf_source
 from kto_lite.hub import check_hub_access, push_run, write_model_card
-from kto_lite.model import load_tokenizer, resolve_model
-from kto_lite.runs import adapter_base, check_adapter_dir
+from kto_lite.model import load_tokenizer
+from kto_lite.runs import adapter_base, check_adapter_dir, run_base
 
 DESCRIPTION = """Ship a trained adapter: a zip, a merged model, a GGUF file for llama.cpp / Ollama, the Hub.
 
@@ -201,9 +201,9 @@ def _gguf_file(name: str | None) -> str | None:
 
 def export_gguf(adapter: Path, args) -> list[Path]:
 
-    named = args.base or adapter_base(adapter, resolve=False)
-    base = resolve_model(named)
-    architecture(base_config(base))  # refuse an unsupported model before merging
+    run = run_base(adapter, base=args.base)  # the run's base (its revision), unless --base names another
+    named, base = run.name, run.model
+    architecture(base_config(base, revision=run.revision))  # refuse an unsupported model before merging
     dtype = "fp16" if args.dtype == "auto" else args.dtype
     merged = merged_with_drift(adapter, args, dtype)
     out = Path(args.out) if args.out else _default_gguf(adapter, f"{merged.merge_from}-{args.quant}")
@@ -223,9 +223,9 @@ def export_gguf(adapter: Path, args) -> list[Path]:
 
 def export_gguf_lora(adapter: Path, args) -> list[Path]:
 
-    named = args.base or adapter_base(adapter, resolve=False)
-    base = resolve_model(named)
-    config = base_config(base)
+    run = run_base(adapter, base=args.base)  # the run's base (its revision), unless --base names another
+    named, base = run.name, run.model
+    config = base_config(base, revision=run.revision)
     arch = architecture(config)
     base_gguf = args.base_gguf or _gguf_file(named)
     if base_gguf:

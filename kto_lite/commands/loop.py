@@ -35,6 +35,9 @@ def _loop_config(args) -> tuple[TrainConfig, str]:
     config = TrainConfig.load(args.config, {**overrides, "reference": "base"})
     if config.data:
         raise UsageError("`data` is made by the loop (each round's samples); remove it from the config")
+    if config.columns:
+        raise UsageError("`columns` renames a data file's columns, and the loop writes its own data (prompt, "
+                         "completion, label); remove it from the config")
     return config, reference
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> int:
     parser.add_flag("eval_judge", metavar="SPEC", help="the judge of the held-out accuracy (default: --judge)")
     parser.add_flag("learning_rate_decay", type=float, default=LEARNING_RATE_DECAY,
                     help="round r trains at learning_rate x this^(r-1) (default 0.5; 1: the same rate every round)")
-    parser.add_config_fields(exclude=("data",))
+    parser.add_config_fields(exclude=("data", "columns"))  # each round's data is the loop's own samples
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -3,6 +3,10 @@
 Three formats, detected from the column names (docs/data.md has one literal line of each):
 1. `prompt`, `completion`, `label`: strings, or chat message lists ([{"role", "content"}, ...]);
 2. `messages` + `label` (or `kto_tag`): the final assistant message is the completion, the rest the prompt;
+   per-turn labels: assistant messages that carry their own `label` ({"role": "assistant", "content": ...,
+   "label": false}, chat logs with a thumb on every reply) give one example each, the conversation before
+   them as the prompt; unlabelled assistant messages are context only; the `label` column, if any, is the
+   final assistant message's label. A file of format 1 may also hold such `messages` rows (a chat feedback file);
 3. `chosen`, `rejected` and optionally `prompt`: each row gives one desirable and one undesirable
    example with the same prompt. When chosen and rejected are conversations that begin with the same
    messages, those messages are the prompt (a `prompt` column is then ignored).
@@ -27,20 +31,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kto_lite.config import CANONICAL_COLUMNS
 from kto_lite.data.examples import Content, Example
 from kto_lite.data.read import RawData, Row, read_rows, snippet
 from kto_lite.data.report import DataReport
 from kto_lite.errors import DataError
 
 MAX_FIELD_CHARS = 1_000_000  # longer fields are dropped: no model trains on a 250k-token completion
-CANONICAL = ("prompt", "completion", "label", "kto_tag", "messages", "chosen", "rejected")
+CANONICAL = CANONICAL_COLUMNS  # what `column_map` (TrainConfig.columns) may map a column to
 TEXT_FIELDS = {  # the text columns each format reads; other columns are ignored
-    "prompt_completion": ("prompt", "completion"),
+    "prompt_completion": ("prompt", "completion"),  # "prompt_completion+messages": per row, one of the two
     "messages": ("messages",),
     "paired": ("chosen", "rejected", "prompt"),
 }
 ACCEPTED_FORMATS = (
-    "(1) prompt, completion, label; (2) messages, label (or kto_tag); (3) chosen, rejected, optional prompt"
+    "(1) prompt, completion, label; (2) messages, label (or kto_tag), or messages whose assistant messages carry a "
+    "label; (3) chosen, rejected, optional prompt"
 )
 _TRUE = {"true", "1", "1.0", "yes", "desirable", "good", "up", "\N{THUMBS UP SIGN}"}
 _FALSE = {"false", "0", "0.0", "no", "undesirable", "bad", "down", "\N{THUMBS DOWN SIGN}"}
@@ -120,11 +126,12 @@ def _rename_columns(raw: RawData, column_map: dict[str, str]) -> None:
     for source, target in column_map.items():
         if target not in CANONICAL:
             raise DataError(
-                f"column_map: {target!r} is not one of {list(CANONICAL)}", path=raw.path, value=target
+                f"columns: {target!r} is not one of {list(CANONICAL)}", path=raw.path, value=target
             )
         if source not in raw.columns:
             raise DataError(
-                f"{raw.path}: column_map names column {source!r}, but the columns found are {raw.columns}",
+                f"{raw.path}: columns (--column) maps column {source!r}, but the file's columns are "
+                f"{raw.columns}",
                 path=raw.path,
                 value=source,
             )
@@ -138,8 +145,8 @@ def _detect_format(raw: RawData) -> tuple[str, str | None]:
     columns = set(raw.columns)
     label = "label" if "label" in columns else "kto_tag" if "kto_tag" in columns else None
     if {"prompt", "completion"} <= columns and label:
-        return "prompt_completion", label
-    if "messages" in columns and label:
+        return ("prompt_completion+messages" if "messages" in columns else "prompt_completion"), label
+    if "messages" in columns and (label or _has_turn_labels(raw)):
         return "messages", label
     if {"chosen", "rejected"} <= columns:
         return "paired", None
@@ -148,9 +155,9 @@ def _detect_format(raw: RawData) -> tuple[str, str | None]:
         hint = " The label column ('label' or 'kto_tag') is missing."
     raise DataError(
         f"{raw.path}: cannot tell the data format from the columns found: {raw.columns}.{hint} "
-        f"Accepted formats: {ACCEPTED_FORMATS}. Rename the columns, or map them with column_map "
-        "(CLI: --column NAME=CANONICAL), e.g. "
-        "{'question': 'prompt', 'answer': 'completion', 'rating': 'label'}.",
+        f"Accepted formats: {ACCEPTED_FORMATS}. Rename the columns, or map them: the config's `columns` "
+        "(YAML: columns: {question: prompt, answer: completion, rating: label}), or on the command line "
+        "of train and data: --column question=prompt --column answer=completion --column rating=label.",
         path=raw.path,
         value=raw.columns,
     )
@@ -166,6 +173,8 @@ def _row_examples(
         return DataError(f"{raw.path}, {raw.where(row)}: {message}", path=raw.path, row=row.row, value=value)
 
     data = row.data
+    if fmt == "prompt_completion+messages":  # a chat feedback file: rated replies, and conversations
+        fmt = "messages" if data.get("messages") is not None and data.get("prompt") is None else "prompt_completion"
     optional = {"prompt"} if fmt == "paired" else set()
     fields = {
         k: read_content(data.get(k), k, error)
@@ -173,11 +182,14 @@ def _row_examples(
         if k not in optional or data.get(k) is not None
     }
     if fmt == "prompt_completion" or fmt == "messages":
-        value = row.data.get(label_column)
-        try:
-            label = normalize_label(value)
-        except ValueError as e:
-            raise error(f"'{label_column}': {e}", value) from None
+        value = row.data.get(label_column) if label_column else None
+        if value is None and fmt == "messages" and (label_column is None or _has_labels(fields["messages"])):
+            label = None  # the labels are on the messages (a conversation without any is dropped and reported)
+        else:
+            try:
+                label = normalize_label(value)
+            except ValueError as e:
+                raise error(f"'{label_column}': {e}", value) from None
     too_long = [k for k, v in fields.items() if _chars(v) > MAX_FIELD_CHARS]
     if too_long:
         report.drop(f"a field over {MAX_FIELD_CHARS:,} characters", row.row)
@@ -188,11 +200,62 @@ def _row_examples(
         messages = fields["messages"]
         if not isinstance(messages, list):
             raise error("'messages' must be a list of {'role': ..., 'content': ...} messages", messages)
-        if not messages or messages[-1]["role"] != "assistant":
-            report.drop("the conversation does not end with an assistant message", row.row)
-            return []
-        return [Example(messages[:-1], messages[-1:], label, row.row)]
+        return _turn_examples(messages, label, row.row, error, report)
     return _paired_examples(fields, row.row, error, report)
+
+
+def _turn_examples(messages: list[dict], label: bool | None, row: int, error, report: DataReport) -> list[Example]:
+    """A conversation -> one example per labelled assistant message, with the conversation before it as the prompt.
+
+    A message's own `label` labels it; `label` (the row's label column) labels the final message, which must then
+    be an assistant message (and agree with that message's own label, if it has one). Assistant messages without
+    a label are context. Labels are taken off the messages the examples hold.
+    """
+    labels: dict[int, bool] = {}
+    for i, m in enumerate(messages):
+        if "label" not in m:
+            continue
+        if m["role"] != "assistant":
+            raise error(f"message {i + 1} is a {m['role']!r} message with a label; only assistant replies are "
+                        "labelled", m)
+        try:
+            labels[i] = normalize_label(m["label"])
+        except ValueError as e:
+            raise error(f"message {i + 1}, 'label': {e}", m["label"]) from None
+    if label is not None:
+        last = len(messages) - 1
+        if not messages or messages[-1]["role"] != "assistant":
+            report.drop("the conversation does not end with an assistant message", row)
+            return []
+        if labels.get(last, label) != label:
+            raise error(f"the row's label ({label}) contradicts the label of its final message ({labels[last]})",
+                        messages[-1])
+        labels[last] = label
+    if not labels:
+        report.drop("no labelled assistant message", row)
+        return []
+    plain = [{k: v for k, v in m.items() if k != "label"} for m in messages]
+    turn = {i: n for n, i in enumerate((i for i, m in enumerate(messages) if m["role"] == "assistant"), start=1)}
+    report.add_conversation(len(turn), [(turn[i], labels[i]) for i in sorted(labels)],
+                            per_turn=any("label" in m for m in messages))
+    return [Example(plain[:i], [plain[i]], labels[i], row) for i in sorted(labels)]
+
+
+def _has_labels(messages: Any) -> bool:
+    return isinstance(messages, list) and any(isinstance(m, dict) and m.get("label") is not None for m in messages)
+
+
+def _has_turn_labels(raw: RawData) -> bool:
+    """Whether any row's `messages` carries a label on a message (per-turn labels, no label column needed)."""
+    def decoded(value):
+        if isinstance(value, str) and value.lstrip().startswith("[{"):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return None
+        return value
+
+    return any(_has_labels(decoded(row.data.get("messages"))) for row in raw.rows)
 
 
 def _paired_examples(fields: dict[str, Content], row: int, error, report: DataReport) -> list[Example]:

@@ -15,8 +15,10 @@ from typing import Any
 FORMATS = {
     "prompt_completion": "prompt / completion / label",
     "messages": "messages + label (last assistant message is the completion)",
+    "prompt_completion+messages": "prompt / completion / label rows and messages rows (a chat feedback file)",
     "paired": "paired chosen / rejected (one desirable + one undesirable example per row)",
 }
+PER_TURN_FORMAT = "messages, labels on the assistant messages (one example per labelled reply)"
 ONE_SIDED_ADVICE = "KTO can train on one side; use a conservative learning rate"
 
 
@@ -102,7 +104,23 @@ class DataReport:
     truncated_completions: int = 0
     dropped_no_completion: int = 0  # no completion token left after truncation
     prefix_mismatches: int = 0  # rows whose templated prompt was not a token prefix of the whole
+    # --- conversations (messages rows), filled by load_data ---
+    conversations: int = 0  # messages rows that gave examples
+    per_turn_labels: bool = False  # some assistant messages carry their own label
+    assistant_turns: list[int] = field(default_factory=list)  # [n]: conversations with n assistant turns (index n)
+    labels_by_turn: dict[str, list[int]] = field(default_factory=dict)  # "1": [desirable, undesirable] of 1st replies
     missing_eos: bool = False  # the tokenizer has no EOS token: the model cannot learn to stop
+
+    def add_conversation(self, turns: int, labels: list[tuple[int, bool]], per_turn: bool) -> None:
+        """One conversation: its number of assistant turns, (turn number, label) of each labelled one, and whether
+        any label was on a message (per-turn labels) rather than in the row's label column."""
+        self.conversations += 1
+        self.per_turn_labels |= per_turn
+        self.assistant_turns += [0] * (turns + 1 - len(self.assistant_turns))
+        self.assistant_turns[turns] += 1
+        for turn, label in labels:
+            counts = self.labels_by_turn.setdefault(str(turn), [0, 0])
+            counts[0 if label else 1] += 1
 
     def drop(self, reason: str, row: int) -> None:
         self.dropped.setdefault(reason, []).append(row)
@@ -161,6 +179,15 @@ class DataReport:
             )
         self.warnings = w
 
+    def _conversation_rows(self) -> list[tuple[str, Any]]:
+        """The table's rows about conversations: turns per conversation and labels per turn (messages rows only)."""
+        if not self.conversations:
+            return []
+        by_turn = "; ".join(f"turn {t}: {d} desirable / {u} undesirable"
+                            for t, (d, u) in sorted(self.labels_by_turn.items(), key=lambda item: int(item[0])))
+        return [("conversations", f"{self.conversations} ({_turns_text(self.assistant_turns)} assistant)"),
+                ("labels per turn", by_turn)]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -180,7 +207,8 @@ class DataReport:
             ("file", self.path),
             (
                 "format",
-                FORMATS.get(self.data_format, self.data_format)
+                (PER_TURN_FORMAT if self.per_turn_labels and self.data_format == "messages"
+                 else FORMATS.get(self.data_format, self.data_format))
                 + (", chat messages" if self.conversational else ""),
             ),
             ("columns", ", ".join(self.columns)),
@@ -193,6 +221,7 @@ class DataReport:
                 f"desirable_weight={self.desirable_weight:.4g}, "
                 f"undesirable_weight={self.undesirable_weight:.4g}",
             ),
+            *self._conversation_rows(),
             ("duplicates", sum(len(g) - 1 for g in self.duplicate_rows)),
             ("empty prompts", len(self.empty_prompt_rows)),
             ("empty completions", f"{len(self.empty_completion_rows)} (dropped)"),
@@ -213,6 +242,11 @@ class DataReport:
         if self.warnings:
             lines += ["", "warnings:"] + [f"  - {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _turns_text(counts: list[int]) -> str:
+    """[0, 3, 1] -> '1 turn: 3, 2 turns: 1' (conversations by their number of assistant turns)."""
+    return ", ".join(f"{n} turn{'s' if n > 1 else ''}: {c}" for n, c in enumerate(counts) if c)
 
 
 def _rows_text(rows: list[int], limit: int = 10) -> str:

@@ -71,7 +71,8 @@ def save_merged(merged, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} is not empty; choose a new folder for the merged model")
-    with atomic_path(out_dir, folder=True) as tmp:  # transformers writes its files through mkstemp too: user_mode
+    needed = sum(p.numel() * p.element_size() for p in merged.model.parameters())
+    with atomic_path(out_dir, folder=True, needed=needed) as tmp:  # transformers writes through mkstemp: user_mode
         merged.model.save_pretrained(tmp)  # safetensors, sharded when large
         merged.tokenizer.save_pretrained(tmp)
     return out_dir

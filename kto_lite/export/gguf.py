@@ -25,6 +25,7 @@ import torch
 from kto_lite.errors import UnsupportedModel
 from kto_lite.export.gguf_vocab import add_tokenizer
 from kto_lite.files import atomic_path
+from kto_lite.model import hub_options
 
 QUANTS = ("f16", "q8_0")
 
@@ -189,10 +190,11 @@ def _encode(w: torch.Tensor, quant: str):
 # --------------------------------------------------------------------------- writing
 
 
-def _write(out: Path, fill) -> Path:
-    """Write a GGUF through `fill(writer)` into a temporary sibling, then rename: never half a file at `out`."""
+def _write(out: Path, fill, needed: int | None = None) -> Path:
+    """Write a GGUF through `fill(writer)` into a temporary sibling, then rename: never half a file at `out`.
+    needed: about the bytes it takes (for the message of a full disk)."""
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, needed=needed) as tmp:
         writer = fill(tmp)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -233,7 +235,8 @@ def write_gguf(model, tokenizer, out: str | Path, *, quant: str = "f16", name: s
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         return writer
 
-    return _write(out, fill)
+    bytes_per_weight = 34 / 32 if quant == "q8_0" else 2  # q8_0: 32 int8 and an fp16 scale per block
+    return _write(out, fill, needed=int(sum(p.numel() for p in model.parameters()) * bytes_per_weight))
 
 
 # --------------------------------------------------------------------------- the adapter alone
@@ -321,11 +324,12 @@ def read_metadata(path: str | Path) -> dict:
     return values
 
 
-def base_config(base: str):
-    """The transformers config of a base: a folder / hub name, or a .gguf file (read by transformers)."""
+def base_config(base: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The transformers config of a base: a folder / hub name (at `revision`), or a .gguf file (read by
+    transformers)."""
     from transformers import AutoConfig
 
     if base.endswith(".gguf"):
         path = Path(base)
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoConfig.from_pretrained(base)
+    return AutoConfig.from_pretrained(base, **hub_options(base, revision, trust_remote_code))

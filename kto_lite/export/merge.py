@@ -28,8 +28,14 @@ import torch
 from torch import nn
 
 from kto_lite.data import load_data, tokenize
-from kto_lite.model import compute_dtype, keep_4bit_layout_trainable, load_adapter, load_base, load_tokenizer
-from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
+from kto_lite.model import (
+    compute_dtype,
+    hub_options,
+    keep_4bit_layout_trainable,
+    load_adapter,
+    load_tokenizer,
+)
+from kto_lite.runs import check_adapter_dir, run_base, run_settings
 
 MERGE_FROM = ("quantized", "full")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -85,14 +91,16 @@ def merge_dtype(dtype: str = "auto", base: str | None = None) -> torch.dtype:
 # --------------------------------------------------------------------------- loading
 
 
-def _tokenizer_for(adapter_dir: Path, base: str):
+def _tokenizer_for(adapter_dir: Path, base: str | None):
+    """The run's tokenizer (saved next to the adapter), else the base's, loaded as training loaded it."""
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(adapter_dir))
+    return run_base(adapter_dir, base=base).tokenizer()
 
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    return load_tokenizer(str(adapter_dir) if has_tokenizer else base)
 
-
-def load_full_base(base: str, dtype: torch.dtype):
-    """The unquantized base on the CPU. A `.gguf` file is de-quantized by transformers' GGUF loader."""
+def load_full_base(base: str, dtype: torch.dtype, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The unquantized base on the CPU (at `revision` for a Hub id). A `.gguf` file is de-quantized by
+    transformers' GGUF loader."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if base.endswith(".gguf"):
@@ -100,18 +108,19 @@ def load_full_base(base: str, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                      device_map={"": "cpu"})
         return _plain(model)
-    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
+    options = hub_options(base, revision, trust_remote_code)
+    if getattr(AutoConfig.from_pretrained(base, **options), "quantization_config", None):
         raise ValueError(f"{base} is a quantized checkpoint; merging needs the full-precision base it was "
                          "made from: give it with --base / base=")
-    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": "cpu"})
+    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": "cpu"}, **options)
 
 
 def load_trained(adapter_dir: str | Path, base: str | None = None):
-    """The model as training left it: the base loaded as training did (4-bit or not) + the adapter, eval mode."""
+    """The model as training left it: the base loaded as training did (its revision, 4-bit or not) + the
+    adapter, eval mode. base: another base model than the run's (`runs.run_base`)."""
 
     adapter_dir = check_adapter_dir(adapter_dir)
-    base = base or adapter_base(adapter_dir)
-    model = load_base(base, load_in_4bit=trained_in_4bit(adapter_dir))
+    model = run_base(adapter_dir, base=base).load(load_in_4bit=trained_in_4bit(adapter_dir))
     keep_4bit_layout_trainable(model)  # the layout training used (see model.py): same kernels, same numbers
     model = load_adapter(model, adapter_dir)
     model.eval()
@@ -131,11 +140,12 @@ def _plain(model):
 # --------------------------------------------------------------------------- the two merges
 
 
-def merge_full(adapter_dir: Path, base: str, dtype: torch.dtype):
+def merge_full(adapter_dir: Path, base: str | None, dtype: torch.dtype):
     """W + scale * B @ A on the original weights (peft's merge, at `dtype`)."""
     from peft import PeftModel
 
-    model = load_full_base(base, dtype)
+    run = run_base(adapter_dir, base=base)  # the run's own base (its revision), unless another is named
+    model = load_full_base(run.model, dtype, revision=run.revision, trust_remote_code=run.options["trust_remote_code"])
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
@@ -193,16 +203,16 @@ def merge(adapter_dir: str | Path, *, merge_from: str | None = None, dtype: str 
     `trained`: an already loaded `load_trained` model to build the quantized merge from (it is consumed).
     """
     adapter_dir = check_adapter_dir(adapter_dir)
-    base = base or adapter_base(adapter_dir)
+    source = run_base(adapter_dir, base=base).model  # what from_pretrained loads (base None: the run's)
     merge_from = resolve_merge_from(adapter_dir, merge_from)
-    torch_dtype = merge_dtype(dtype, base)
+    torch_dtype = merge_dtype(dtype, source)
     if merge_from == "quantized":
         model = merge_quantized(trained if trained is not None else load_trained(adapter_dir, base), torch_dtype)
     else:
         model = merge_full(adapter_dir, base, torch_dtype)
     model.config.use_cache = True  # load_base turned it off for training; a shipped model generates
     model.eval()
-    return Merged(model, _tokenizer_for(adapter_dir, base), base, merge_from, trained_in_4bit(adapter_dir))
+    return Merged(model, _tokenizer_for(adapter_dir, base), source, merge_from, trained_in_4bit(adapter_dir))
 
 
 # --------------------------------------------------------------------------- how far a merge is from the trained model

@@ -5,8 +5,9 @@ Answers with the adapter and with the plain base (adapters disabled) come from t
 which is also how training got its reference model. Replies stream token by token; a stop event
 ends generation itself, not just the display.
 
-`append_feedback` writes a rated reply as one prompt/completion/label row (data format 1), so the
-feedback file is training data for the next round of KTO.
+`append_feedback` writes a rated reply as one prompt/completion/label row (data format 1), or a whole
+conversation whose replies carry their own thumbs as one `messages` row (per-turn labels, format 2), so the
+feedback file is training data for the next round of KTO (docs/data.md: a file may hold both kinds of row).
 
 `ChatModel.sample` generates several answers to one prompt in one batch (the app's Rate tab).
 
@@ -30,8 +31,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from kto_lite.data import encode_prompt
 from kto_lite.data.tokenize import stop_token_ids
 from kto_lite.generation import generate_samples
-from kto_lite.model import load_adapter, load_base, load_tokenizer, resolve_model
-from kto_lite.runs import adapter_base, check_adapter_dir, run_settings
+from kto_lite.model import load_adapter, load_tokenizer
+from kto_lite.runs import RunBase, check_adapter_dir, run_base, run_settings
 
 # --------------------------------------------------------------------------- the model
 
@@ -59,19 +60,18 @@ class ChatModel:
 
     def __init__(self, model: str | None = None, adapter: str | Path | None = None, *,
                  load_in_4bit: bool | None = None):
-        settings = {}
+        settings, run = {}, RunBase.named(model)
         if adapter is not None:
             adapter = check_adapter_dir(adapter)
-            settings = run_settings(adapter)
-        self.model_name = model or (adapter_base(adapter) if adapter is not None else resolve_model(None))
+            settings, run = run_settings(adapter), run_base(adapter, base=model)  # loaded as training loaded it
+        self.model_name = run.model
         self.adapter_dir = adapter
-        self.load_in_4bit = load_in_4bit if load_in_4bit is not None else bool(settings.get("load_in_4bit", True))
+        self.load_in_4bit = load_in_4bit if load_in_4bit is not None else bool(run.options["load_in_4bit"])
         self.use_chat_template = settings.get("use_chat_template")  # as in training: same prompt tokens
 
-        tokenizer_source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() \
-            else self.model_name
-        self.tokenizer = load_tokenizer(str(tokenizer_source))
-        self.base = load_base(self.model_name, load_in_4bit=self.load_in_4bit)
+        has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
+        self.tokenizer = load_tokenizer(str(adapter)) if has_tokenizer else run.tokenizer()
+        self.base = run.load(load_in_4bit=self.load_in_4bit)
         self.base.config.use_cache = True  # load_base turns the KV cache off for training
         self.model = load_adapter(self.base, adapter) if adapter is not None else self.base
         self.model.eval()
@@ -217,16 +217,25 @@ def plain_prompt(messages: list[dict]) -> str:
 _feedback_lock = threading.Lock()  # appends from threads of this process; flock covers other processes
 
 
-def append_feedback(path: str | Path, prompt: str | list[dict], completion: str, label: bool) -> dict:
-    """Append one prompt/completion/label row (data format 1) to a JSON-lines file; return its counts.
+def append_feedback(path: str | Path, prompt: str | list[dict], completion: str | None = None,
+                    label: bool | None = None) -> dict:
+    """Append one row to a JSON-lines feedback file; return the file's counts (`feedback_counts`).
 
-    A conversation that is a single user message is stored as its text, longer ones as messages.
+    With a completion and a label: one prompt/completion/label row (data format 1); a conversation that is a
+    single user message is stored as its text, longer ones as messages. Without them: `prompt` is a whole
+    conversation whose assistant messages carry their own thumbs ({"role": "assistant", "content": ...,
+    "label": True}; None or no key: not rated), stored as one `messages` row with per-turn labels (format 2).
     """
-    if isinstance(prompt, list):
-        prompt = normalize_messages(prompt)
-        if len(prompt) == 1 and prompt[0]["role"] == "user":
-            prompt = prompt[0]["content"]
-    line = json.dumps({"prompt": prompt, "completion": completion, "label": bool(label)}, ensure_ascii=False)
+    if completion is None and label is None:
+        line = json.dumps({"messages": _rated_conversation(prompt)}, ensure_ascii=False)
+    elif completion is None or label is None:
+        raise ValueError("a rated reply needs both its completion and its label")
+    else:
+        if isinstance(prompt, list):
+            prompt = normalize_messages(prompt)
+            if len(prompt) == 1 and prompt[0]["role"] == "user":
+                prompt = prompt[0]["content"]
+        line = json.dumps({"prompt": prompt, "completion": completion, "label": bool(label)}, ensure_ascii=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _feedback_lock, open(path, "a+", encoding="utf-8") as f, _file_lock(f):
@@ -241,8 +250,24 @@ def append_feedback(path: str | Path, prompt: str | list[dict], completion: str,
         return _count(f.read())
 
 
+def _rated_conversation(messages) -> list[dict]:
+    """The conversation as stored: {"role", "content"} messages, plus "label" (a bool) on the rated replies."""
+    if not isinstance(messages, list):
+        raise ValueError("a conversation with per-turn labels is a list of messages")
+    out = []
+    for m, plain in zip(messages, normalize_messages(messages)):
+        label = m.get("label")
+        if label is not None and plain["role"] != "assistant":
+            raise ValueError(f"only assistant replies carry a label, not a {plain['role']!r} message")
+        out.append(plain | ({"label": bool(label)} if label is not None else {}))
+    if not any("label" in m for m in out):
+        raise ValueError("the conversation has no rated reply (no assistant message with a label)")
+    return out
+
+
 def feedback_counts(path: str | Path) -> dict:
-    """{"rows", "desirable", "undesirable"} of a feedback file; 0s when it does not exist."""
+    """{"rows", "desirable", "undesirable"} of a feedback file, counting rated replies (a conversation row counts
+    each of its rated replies); 0s when it does not exist."""
     try:
         return _count(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -252,8 +277,12 @@ def feedback_counts(path: str | Path) -> dict:
 def _count(text: str) -> dict:
     labels = []
     for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
-            labels.append(bool(json.loads(line)["label"]))
+        with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError, KeyError):
+            row = json.loads(line)
+            if "messages" in row and "label" not in row:  # per-turn labels
+                labels += [bool(m["label"]) for m in row["messages"] if m.get("label") is not None]
+            else:
+                labels.append(bool(row["label"]))
     return {"rows": len(labels), "desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
 
 

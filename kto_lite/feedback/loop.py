@@ -9,7 +9,9 @@ Round r (1, 2, ...):
    whether KL is measured against the base or against that adapter, docs/loop.md), at the config's
    learning rate x learning_rate_decay^(r-1) (default 0.5: halved every round, measured in docs/loop.md);
 4. evaluate the new adapter on the held-out prompts (seed `seed`, the same for every round and for
-   the base, so the rounds are compared on common random numbers).
+   the base, so the rounds are compared on common random numbers). The round's training itself judges
+   the same prompts with the same draws at step 0, every eval_steps and at the end (training/judged.py):
+   its metrics.jsonl shows how judged success moved within the round (docs/loop.md: what that costs).
 
 <output_dir>/round-r/ is a normal run folder (adapter, metrics.jsonl, config.yaml, status.json) that
 also holds samples.jsonl (the round's training data), eval_samples.jsonl and round.json (its line of the
@@ -42,6 +44,7 @@ from kto_lite.feedback.sample import (
     side_files,
     summarize,
 )
+from kto_lite.files import write_text
 from kto_lite.generation import LOAD_OPTIONS, Loaded, Prompts, load_models, model_spec, read_prompts
 from kto_lite.judges import Judge
 from kto_lite.runs import checkpoints, read_status
@@ -89,7 +92,7 @@ def run_loop(config: TrainConfig, args: LoopArgs, *, show_progress: bool = True,
         table.append(_round(config, args, r, state, train_prompts, eval_prompts, judge, show_progress))
         echo(format_row(table[-1]))
     state.free()
-    (Path(config.output_dir) / "rounds.json").write_text(json.dumps(table, indent=1) + "\n")
+    write_text(Path(config.output_dir) / "rounds.json", json.dumps(table, indent=1) + "\n")
     return table
 
 
@@ -115,7 +118,8 @@ def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_pr
         seconds["sample"] = time.perf_counter() - start
         state.free()  # training loads its own copy of the base
         start = time.perf_counter()
-        _train_round(config, folder, staging / "samples.jsonl", previous, reference, learning_rate, show_progress)
+        _train_round(config, folder, staging / "samples.jsonl", previous, reference, learning_rate,
+                     _judged_evaluation(config, args), show_progress)
         seconds["train"] = time.perf_counter() - start
         _move_samples(staging, folder)
     start = time.perf_counter()
@@ -129,7 +133,7 @@ def _round(config: TrainConfig, args: LoopArgs, r: int, state: _Models, train_pr
               **_result_fields(result), "samples": summary["samples"], "desirable": summary["desirable"],
               "desirable_share": summary["desirable_share"], "judge_failures_in_samples": len(summary["failures"]),
               "seconds": seconds}  # this invocation's: a round continued after a crash shows the rest only
-    (folder / "round.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text(folder / "round.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -146,23 +150,35 @@ def _base_row(config: TrainConfig, args: LoopArgs, state: _Models, eval_prompts:
     _write_jsonl(Path(config.output_dir) / "round-0.eval_samples.jsonl", rows)
     record = {"round": 0, "adapter": config.init_adapter, **_result_fields(result),
               "seconds": {"evaluate": time.perf_counter() - start}}
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    write_text(path, json.dumps(record, indent=1) + "\n")
     return record
 
 
 def _train_round(config: TrainConfig, folder: Path, samples: Path, previous: str | None, reference: str,
-                 learning_rate: float, show_progress: bool):
+                 learning_rate: float, judged: dict, show_progress: bool):
 
     resume = folder.exists() and bool(checkpoints(folder))
     round_config = dataclasses.replace(
         config, data=str(samples), output_dir=str(folder), init_adapter=previous,
         reference=reference, learning_rate=learning_rate, resume_from_checkpoint=resume,
-        overwrite_output_dir=folder.exists() and not resume)  # a round that failed before its first checkpoint
+        overwrite_output_dir=folder.exists() and not resume,  # a round that failed before its first checkpoint
+        **judged)
     recipe.train(round_config, show_progress=show_progress)  # through the module: tests stand in for it
     status = read_status(folder) or {}
     if status.get("status") != "finished":
         raise LoopStopped(f"training of {folder.name} {status.get('status', 'stopped')} at step "
                           f"{status.get('step', '?')}; rerun the same command to continue")
+
+
+def _judged_evaluation(config: TrainConfig, args: LoopArgs) -> dict:
+    """The round's judged evaluation (training/judged.py): the held-out prompts, judge, sampling and seed of the
+    loop's own evaluation, so each round's metrics.jsonl shows its judged success from step 0 and its last
+    evaluation draws the answers the round's row is computed from."""
+    eval_args = _eval_args(config, args)
+    return dict(eval_prompts=args.eval_prompts, judge=eval_args.judge, reference_column=eval_args.reference_column,
+                judge_threshold=eval_args.judge_threshold, eval_samples_per_prompt=eval_args.n,
+                eval_temperature=eval_args.temperature, eval_top_p=eval_args.top_p,
+                eval_max_new_tokens=eval_args.max_new_tokens)
 
 
 def round_learning_rate(config: TrainConfig, r: int, decay: float = LEARNING_RATE_DECAY) -> float:
@@ -190,7 +206,7 @@ def _move_samples(staging: Path, folder: Path) -> None:
     if config_file.is_file():
         values = yaml.safe_load(config_file.read_text())
         values["data"] = str(folder / "samples.jsonl")
-        config_file.write_text(yaml.safe_dump(values, sort_keys=False))
+        write_text(config_file, yaml.safe_dump(values, sort_keys=False))
 
 
 def _eval_args(config: TrainConfig, args: LoopArgs) -> SampleArgs:
@@ -204,7 +220,7 @@ def _result_fields(result) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def format_row(row: dict) -> str:
@@ -268,4 +284,4 @@ def _check_loop_folder(config: TrainConfig, args: LoopArgs, train_prompts: Promp
         raise UsageError(f"output_dir {out} is not empty and holds no loop (no loop.json); choose another "
                              "--output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=1) + "\n")
+    write_text(path, json.dumps(meta, indent=1) + "\n")

@@ -22,11 +22,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from kto_lite.config import TrainConfig
 from kto_lite.errors import ConfigError
-from kto_lite.training.batching import Rows
+from kto_lite.training.batching import Rows, collate
 from kto_lite.training.head import output_head
 from kto_lite.training.logps import PolicyLogps, completion_logps
 
@@ -87,7 +87,13 @@ class Sharded(Replicated):
     split_reference = False  # every process runs every reference forward (each gathers the others' shards)
 
     def shard(self, policy: PolicyLogps, model, precision: str) -> None:
-        self.fraction = shard(policy, model, precision)
+        self.fraction, self.root = shard(policy, model, precision), policy
+        # FSDP fixes its mixed-precision dtypes at the first forward, from the weights that require grad then. That
+        # must not be the reference pass (adapters off: peft freezes the LoRA weights meanwhile), or bf16 gradients
+        # would be reduced as bf16 and refused by the fp32 LoRA weights: one tiny forward now, as every pass runs.
+        with self.accelerator.autocast(), torch.no_grad():
+            policy(collate([[0]], [[0]], 0).to(self.accelerator.device))
+        reshard(policy)  # the root keeps its weights gathered after a forward: back to shards, as before it
 
     def prepare(self, policy: PolicyLogps, optimizer):
         return policy, optimizer  # torch's AdamW on the shards; no DDP wrapper
@@ -102,6 +108,7 @@ class Sharded(Replicated):
         return gathered_adapter(model)
 
     def load_training_state(self, model, optimizer, folder, state: dict) -> None:
+        reshard(self.root)  # a forward (the reference pass) may have left the root's weights gathered
         load_gathered_training_state(model, optimizer, state)
 
     def timing(self) -> dict:
@@ -130,6 +137,14 @@ def shard(policy: PolicyLogps, model, precision: str) -> float:
     fully_shard(policy, **options)
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in policy.parameters())
     return local / sum(p.numel() for p in policy.parameters())  # the share of the weights this process holds
+
+
+def reshard(policy) -> None:
+    """Every FSDP unit of the policy back to its shards (torch's reshard is per unit): the state a checkpoint's
+    weights are loaded into (set_state_dict cannot copy into a weight left gathered by a forward)."""
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def gathered_adapter(model) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ def decide_layout(model, config: TrainConfig, examples: list[TokenizedExample], 
     attention = attention_implementation(model)
     if config.padding_free is False:
         packed, why = False, "padded rows (padding_free: false)"
-    elif supports_packing(model):
+    elif supports_packing(model, config.max_length):
         packed, why = True, f"padding-free rows ({attention} attention restarts at each sequence)"
     elif config.padding_free:
         raise ConfigError(f"padding_free: true, but this model ({attention} attention) does not give packed rows "
@@ -60,7 +60,7 @@ def decide_layout(model, config: TrainConfig, examples: list[TokenizedExample], 
     if config.share_prompts is False or config.loss_type != "kto":
         reason = "share_prompts: false" if config.share_prompts is False else f"{config.loss_type} has no KL rows"
         return RowLayout(packed, False, False, f"{why}; no shared prompts ({reason})")
-    supported = packed and supports_shared_prompts(model)
+    supported = packed and supports_shared_prompts(model, config.max_length)
     if config.share_prompts:
         if not supported:
             raise ConfigError("share_prompts: true needs padding-free rows through sdpa or eager attention "

@@ -22,8 +22,8 @@ from kto_lite.training.batching import Rows, collate, collate_shared
 from kto_lite.training.head import output_head
 from kto_lite.training.packing import SEGMENT_PREFIX, efficient_packing, segment_masks, use_segment_attention
 
-_packing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed == padded on it
-_sharing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> shared prompts == alone
+_packing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {probe span: packed == padded}
+_sharing_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {probe span: shared == alone}
 
 
 def _hidden_states(base, rows: Rows) -> torch.Tensor:
@@ -56,31 +56,50 @@ def completion_logps(model, rows: Rows, chunk_size: int | None = None) -> torch.
     A token is predicted from the position before it, in the same sequence (`predictors`): the first
     token of a sequence (and, packed, the first of each) is never scored.
     """
+    token_logps, sequence = completion_token_logps(model, rows, chunk_size)  # (M,), (M,)
+    sums = torch.zeros(rows.n_sequences, dtype=torch.float32, device=rows.input_ids.device)
+    return sums.index_add(0, sequence, token_logps.float())  # (n_sequences,)
+
+
+def completion_token_logps(model, rows: Rows, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of every scored completion token, (M,), and the sequence each belongs to, (M,): the terms
+    `completion_logps` sums (humanline clamps them one by one). The same rows give the same token order."""
     base = base_model(model)
     head = output_head(base)  # raises UnsupportedHead for a head we would get wrong
     hidden = _hidden_states(base, rows)  # (B, T, H)
     predictor = predictors(rows)  # (B, T)
     b, t = torch.nonzero(rows.completion_mask.bool() & (predictor >= 0), as_tuple=True)  # the scored tokens
     token_logps = head.token_logps(hidden[b, predictor[b, t]], rows.input_ids[b, t], chunk_size)  # (M,)
-    sums = torch.zeros(rows.n_sequences, dtype=torch.float32, device=rows.input_ids.device)
-    return sums.index_add(0, rows.sequence_index[b, t], token_logps.float())  # (n_sequences,)
+    return token_logps, rows.sequence_index[b, t]
 
 
-def supports_packing(model) -> bool:
+def supports_packing(model, max_length: int | None = None) -> bool:
     """Whether padding-free rows give this model the same log-probs as padded rows, at no extra cost.
 
     The attention implementation must handle packed position ids efficiently (sdpa and eager through
     packing.py's per-sequence wrapper; flash-attention's varlen kernels; flex attention's block
     masks), and the architecture must restart its positions and mask from them: checked once per
-    model on two short random sequences, packed against each alone (a model that ignores
-    position_ids, or builds its mask another way, gets the padded path).
+    model on two random sequences, packed against each alone, the first longer than the model's sliding
+    window or attention chunk when rows of max_length can be (`probe_span`). A model that ignores
+    position_ids, builds its mask another way, or whose attention is not given position_ids (Llama-4's
+    computes positions from the row itself) gets the padded path.
     """
     base = base_model(model)
-    if base not in _packing_checked:
+    span = probe_span(base, max_length)
+    checked = _packing_checked.setdefault(base, {})
+    if span not in checked:
         impl = use_segment_attention(base) if base.config._attn_implementation in ("sdpa", "eager") else (
             base.config._attn_implementation)
-        _packing_checked[base] = efficient_packing(impl) and _packed_equals_separate(base)
-    return _packing_checked[base]
+        checked[span] = efficient_packing(impl) and _packed_equals_separate(base, span)
+    return checked[span]
+
+
+def probe_span(base, max_length: int | None) -> int:
+    """Tokens a layout probe's rows must exceed: the model's shortest sliding window or attention chunk, where
+    the run's rows (max_length) can be longer than it; 0 otherwise (short rows see everything a long one would)."""
+    spans = [getattr(base.config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+    span = min((s for s in spans if isinstance(s, int) and s > 0), default=0)
+    return span if span and (max_length is None or span < max_length) else 0
 
 
 def _random_tokens(base, *groups) -> list[list[list[int]]]:
@@ -118,9 +137,9 @@ def attention_implementation(model) -> str:
     return base_model(model).config._attn_implementation.removeprefix(SEGMENT_PREFIX)
 
 
-def _packed_equals_separate(base) -> bool:
+def _packed_equals_separate(base, span: int) -> bool:
     device = base.get_output_embeddings().weight.device
-    (sequences,) = _random_tokens(base, (5, 7))
+    (sequences,) = _random_tokens(base, (max(5, span + 2), 7))  # the first crosses the window / chunk
     both = _in_both_layouts(
         base, lambda: _hidden_states(base, collate(sequences, [[], []], 0, packed=True).to(device))[0],  # (12, H)
         lambda: torch.cat([_hidden_states(base, collate([s], [[]], 0).to(device))[0] for s in sequences]))
@@ -130,23 +149,28 @@ def _packed_equals_separate(base) -> bool:
     return within_rounding(packed, alone, half=packed.dtype in (torch.float16, torch.bfloat16))
 
 
-def supports_shared_prompts(model) -> bool:
+def supports_shared_prompts(model, max_length: int | None = None) -> bool:
     """Whether shared-prompt rows (batching.collate_shared) give this model each completion's own log-probs.
 
-    They need packing through kto_lite's segment attention (sdpa or eager), which applies the
-    prompt-and-own-completion mask; flash and flex attention take transformers' packed path, which
-    would not. Checked once per model on short random sequences, each completion against itself alone.
+    They need packing through kto_lite's segment attention (sdpa or eager), which composes the
+    prompt-and-own-completion structure with the model's own mask (packing.py: causal, sliding window or
+    chunks; anything else is refused); flash and flex attention take transformers' packed path, which
+    would not. Checked once per model on random sequences, each completion against itself alone, the
+    first prompt's rows longer than the model's window or chunk (`probe_span`).
     """
     base = base_model(model)
-    if base not in _sharing_checked:
-        _sharing_checked[base] = (supports_packing(base) and base.config._attn_implementation.startswith(SEGMENT_PREFIX)
-                                  and _shared_equals_separate(base))
-    return _sharing_checked[base]
+    span = probe_span(base, max_length)
+    checked = _sharing_checked.setdefault(base, {})
+    if span not in checked:
+        checked[span] = (supports_packing(base, max_length) and base.config._attn_implementation.startswith(
+            SEGMENT_PREFIX) and _shared_equals_separate(base, span))
+    return checked[span]
 
 
-def _shared_equals_separate(base) -> bool:
+def _shared_equals_separate(base, span: int) -> bool:
     device = base.get_output_embeddings().weight.device
-    prompts, first, second = _random_tokens(base, (5, 3), (4, 6), (7, 2))
+    # prompt 0 with either completion crosses the window / chunk, in the prompt and in the completions
+    prompts, first, second = _random_tokens(base, (max(5, span - 1), 3), (4, 6), (7, 2))
     both = _in_both_layouts(
         base, lambda: completion_logps(base, collate_shared(prompts, [first, second]).to(device)),
         lambda: torch.cat([completion_logps(base, collate(prompts, c, 0).to(device)) for c in (first, second)]))
@@ -163,6 +187,6 @@ class PolicyLogps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, rows: Rows) -> torch.Tensor:
-        return completion_logps(self.model, rows)
+    def forward(self, rows: Rows, per_token: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return completion_token_logps(self.model, rows) if per_token else completion_logps(self.model, rows)
 

@@ -83,3 +83,19 @@ def kto_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; use 'kto' or 'apo_zero_unpaired'")
     losses = torch.where(labels, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
     return KTOLossOutput(losses.mean(), losses, (beta * r).detach(), z0)
+
+
+def humanline_log_ratios(policy_token_logps: torch.Tensor, reference_token_logps: torch.Tensor,
+                         sequence_index: torch.Tensor, n_sequences: int, *, log_epsilon_P: float,
+                         log_epsilon_R: float) -> torch.Tensor:
+    """Humanline's log-ratio of a completion (Liu, Muennighoff, Ethayarajh 2025, "Humanline: Online Alignment as
+    Perceptual Loss"): each token's log-ratio clamped to [log eps_P, log eps_R], then summed per sequence,
+
+        r_i = sum_t clamp(log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), log eps_P, log eps_R)
+
+    in place of KTO's log pi(y|x) - log pi_ref(y|x) (docs/methods.md). A token outside the range contributes the
+    bound and no gradient (as PPO's clipped ratio); the reference is never differentiated. Shapes: the tokens'
+    log-probs (M,) and (M,), the sequence each token belongs to (M,) -> (n_sequences,) float32.
+    """
+    ratio = (policy_token_logps.float() - reference_token_logps.detach().float()).clamp(log_epsilon_P, log_epsilon_R)
+    return ratio.new_zeros(n_sequences).index_add(0, sequence_index, ratio)  # (n_sequences,)

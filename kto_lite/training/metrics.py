@@ -1,6 +1,6 @@
 """What a logged line of metrics.jsonl holds, summed over the micro-batches and processes of a window.
 
-The names follow TRL's glossary (README, "Logged metrics", defines each once). A side missing from a
+The names follow TRL's glossary (docs/design.md, "Logged metrics", defines each once). A side missing from a
 window (no desirable example, say) leaves its keys out of the line, never NaN.
 """
 

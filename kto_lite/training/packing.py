@@ -16,18 +16,25 @@ same function that, on a packed row, attends sequence by sequence:
   builder is asked for each diagonal block alone (same mask function, with the block's offsets:
   causal, sliding window, whatever the model composes), giving `BlockMasks`: sum of n_i^2, not N^2;
 - attention: each sequence's queries, keys and values with its block. Off-diagonal blocks are all
-  masked, so this is the same computation without the masked part.
+  masked, so this is the same computation without the masked part;
+- shared-prompt rows (batching.collate_shared): the block's mask is the model's own mask function
+  (causal, sliding window, Llama-4's chunks), evaluated on positions as if each completion followed its
+  prompt alone, and-ed with "a completion sees its prompt and itself". A mask that cannot be rebuilt
+  that way (the model's own and/or mask functions, a bidirectional model) is refused (`UncomposableMask`),
+  so the layout probe falls back to separate rows.
 Everything else (padded rows, generation with a cache) goes to the original function unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import weakref
 from contextvars import ContextVar
 
 import torch
+import transformers.masking_utils as masking
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -43,10 +50,23 @@ class BlockMasks(tuple):
     """The diagonal blocks of a packed row's attention mask, one (1, 1, n_i, n_i) mask (or None) per sequence.
 
     `bounds` holds the blocks' (start, end): the attention uses them instead of reading the position ids
-    (a shared-prompt row's positions jump back at each completion, inside one block).
+    (a shared-prompt row's positions jump back at each completion, inside one block). A copy made by code
+    that rebuilds tuples (FSDP's mixed-precision cast of a layer's inputs) loses the attribute: its bounds
+    then come from the blocks' sizes.
     """
 
-    bounds: list[tuple[int, int]] | None = None
+    _bounds: list[tuple[int, int]] | None = None
+
+    @property
+    def bounds(self) -> list[tuple[int, int]] | None:
+        if self._bounds is None and self and all(m is not None for m in self):
+            edges = [0, *itertools.accumulate(m.shape[-1] for m in self)]
+            return list(zip(edges[:-1], edges[1:]))
+        return self._bounds
+
+    @bounds.setter
+    def bounds(self, value: list[tuple[int, int]]) -> None:
+        self._bounds = value
 
 
 def segments(position_ids: torch.Tensor | None) -> list[tuple[int, int]] | None:
@@ -90,17 +110,63 @@ def segment_masks(position_ids: torch.Tensor | None, branch: torch.Tensor | None
         _active_segments.reset(token)
 
 
-def shared_prompt_mask(branch: torch.Tensor, positions: torch.Tensor, window: int | None = None):
-    """transformers mask function (batch, head, query index, key index) -> allowed, over a whole packed
-    row: causal, and a completion (branch k > 0) sees the prompt (branch 0) and itself, not its siblings;
-    with a sliding window, only keys less than `window` *positions* back (as if the completion were alone)."""
+def shared_prompt_mask(branch: torch.Tensor):
+    """transformers mask function (batch, head, query index, key index) -> allowed, over a whole packed row: the
+    shared-prompt structure alone. Causal in the row, and a completion (branch k > 0) sees the prompt (branch 0)
+    and itself, not its siblings. `_shared_mask_function` ands it with the model's own mask."""
 
     def allowed(batch_idx, head_idx, q_idx, kv_idx):
         key_branch = branch[kv_idx]
-        ok = (kv_idx <= q_idx) & ((key_branch == 0) | (key_branch == branch[q_idx]))
-        return ok & (positions[q_idx] - positions[kv_idx] < window) if window else ok
+        return (kv_idx <= q_idx) & ((key_branch == 0) | (key_branch == branch[q_idx]))
 
     return allowed
+
+
+class UncomposableMask(NotImplementedError):
+    """The model's attention mask cannot be rebuilt for shared-prompt rows (the layout probe: unsupported)."""
+
+
+def _own_mask_function(kwargs: dict):
+    """The model's mask function as transformers' mask creators build it before packing, from what they pass
+    the mask builder: causal; a sliding window (local_size = config.sliding_window); Llama-4's chunks
+    (local_size = config.attention_chunk_size). and/or mask functions of the model's own (use_vmap) cannot be
+    taken apart from the packed row's: refused."""
+    config, size = kwargs.get("config"), kwargs.get("local_size")
+    if kwargs.get("use_vmap"):
+        raise UncomposableMask("the model adds its own and/or attention mask functions, which shared prompts "
+                               "cannot compose with")
+    window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    if size is None:
+        return masking.causal_mask_function
+    if size == chunk and size != window:
+        return masking.chunked_causal_mask_function(size, torch.zeros(1, dtype=torch.long))
+    if size == window and size != chunk:
+        return masking.sliding_window_causal_mask_function(size)
+    raise UncomposableMask(f"a local attention of {size} tokens that is neither the config's sliding_window "
+                           f"({window}) nor its attention_chunk_size ({chunk}) alone, which shared prompts cannot "
+                           "compose with")
+
+
+def _shared_mask_function(kwargs: dict, branch: torch.Tensor, positions: torch.Tensor):
+    """The mask of a shared-prompt row: the structure (`shared_prompt_mask`) and the model's own mask evaluated on
+    positions, so that each completion gets the causal / window / chunk mask it would get alone after its prompt."""
+    own_positions = masking.remap_positions_for_packed_sequence(_own_mask_function(kwargs), positions[None])
+    return masking.and_masks(shared_prompt_mask(branch), own_positions)
+
+
+def _check_composed(own, given, positions: torch.Tensor, start: int, end: int) -> None:
+    """Compare our mask of the block [start, end) with the one transformers composed itself, where that one is
+    right: within each run of consecutive positions (a prompt with its first completion, each later
+    completion). Any other difference (an overlay, a bidirectional model) is refused, not trained wrong."""
+    index = torch.arange(start, end, device=positions.device)
+    block = positions[start:end]
+    run = torch.cat([block.new_zeros(1), (block[1:] != block[:-1] + 1).long()]).cumsum(0)  # (n,)
+    same_run = run[:, None] == run[None]  # (n, n)
+    zero = index.new_zeros(())
+    q, k = index[:, None], index[None]
+    if not torch.equal(own(zero, zero, q, k) & same_run, given(zero, zero, q, k).to(index.device) & same_run):
+        raise UncomposableMask("the model's attention mask is not causal, sliding or chunked on positions, which "
+                               "shared prompts cannot compose with")
 
 
 def _block_mask_builder(impl: str):
@@ -114,9 +180,11 @@ def _block_mask_builder(impl: str):
         if active is None or not whole or active[0][-1][1] != q_length:
             return original(batch_size, q_length, kv_length, **kwargs)
         bounds, branch, positions = active
-        if branch is not None:  # a prompt and its completions: our mask, never skipped for is_causal
-            kwargs = {**kwargs, "mask_function": shared_prompt_mask(branch, positions, kwargs.get("local_size")),
-                      "allow_is_causal_skip": False}
+        if branch is not None:  # prompts with their completions: the model's mask composed, never skipped for is_causal
+            own = _shared_mask_function(kwargs, branch, positions)
+            for start, end in bounds:
+                _check_composed(own, kwargs["mask_function"], positions, start, end)
+            kwargs = {**kwargs, "mask_function": own, "allow_is_causal_skip": False}
         # the mask function indexes the packed position ids by absolute position: offsets select the block
         masks = BlockMasks(original(1, end - start, end - start, **{**kwargs, "q_offset": start, "kv_offset": start})
                            for start, end in bounds)
@@ -141,6 +209,9 @@ def _segment_attention(impl: str):
         position_ids = kwargs.get("position_ids")  # (1, N); a model whose attention is not given them: not packed
         bounds = bounds or segments(position_ids)
         if bounds is None or position_ids is None or not query.shape[2] == key.shape[2] == position_ids.shape[1]:
+            if isinstance(attention_mask, BlockMasks):  # packed, but the model's attention was not told the positions
+                raise NotImplementedError(f"{type(module).__name__} is not given position_ids: it cannot take "
+                                          "packed rows (it may compute positions from the row itself)")
             return original(module, query, key, value, attention_mask, **kwargs)
         outputs = []
         for i, (start, end) in enumerate(bounds):

