@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
+from tiny_models import stop_at_step
 
 from kto_lite.config import TrainConfig
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
@@ -136,14 +137,8 @@ def test_a_humanline_run_resumes_as_it_would_have_gone_on(tmp_path, monkeypatch)
     """Stopped at step 3 (a sync step, a checkpoint), resumed: the same losses as the uninterrupted run; its first
     step equals plain KTO's (policy == reference: every log-ratio is 0)."""
     straight = train(config(tmp_path, "straight", max_steps=6, save_steps=3), show_progress=False)
-    calls = {"n": 0}
-
-    def stop_after_three(self):
-        calls["n"] += 1
-        return calls["n"] == 3
-
     with monkeypatch.context() as m:
-        m.setattr(Recipe, "_stop_requested", stop_after_three)
+        m.setattr(Recipe, "_stop_requested", stop_at_step(3))
         stopped = train(config(tmp_path, "resumed", max_steps=6, save_steps=3), show_progress=False)
     assert read_status(stopped)["status"] == "stopped"
     train(config(tmp_path, "resumed", max_steps=6, save_steps=3, resume_from_checkpoint=True), show_progress=False)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from tiny_models import stop_at_step
 
 import kto_lite.training.recipe as recipe_module
 from kto_lite.commands.train import main as train_main
@@ -169,14 +170,8 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(wor
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_record(judged_run, workdir, monkeypatch):
     """Stopped at step 3 and resumed: the same judged numbers and kept answers as the uninterrupted run."""
-    calls = {"n": 0}
-
-    def stop_at_three(self):
-        calls["n"] += 1
-        return calls["n"] == 3
-
     with monkeypatch.context() as m:
-        m.setattr(Recipe, "_stop_requested", stop_at_three)
+        m.setattr(Recipe, "_stop_requested", stop_at_step(3))
         stopped = train(config(workdir, "resumed"), show_progress=False)
     assert read_status(stopped)["status"] == "stopped"
     train(config(workdir, "resumed", resume_from_checkpoint=True), show_progress=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
-from tiny_models import learnable_rows, make_model_dir, write_jsonl
+from tiny_models import learnable_rows, make_model_dir, stop_at_step, write_jsonl
 
 from kto_lite.config import TrainConfig
 from kto_lite.data import load_data, tokenize
@@ -175,14 +175,8 @@ def test_existing_run_is_not_overwritten(trained, workdir):
 
 def test_stop_then_resume_matches_uninterrupted(workdir, monkeypatch):
     straight = train(config(workdir, "straight", max_steps=6, save_steps=3), show_progress=False)
-    calls = {"n": 0}
-
-    def stop_after_three(self):
-        calls["n"] += 1
-        return calls["n"] == 3
-
     with monkeypatch.context() as m:
-        m.setattr(Recipe, "_stop_requested", stop_after_three)
+        m.setattr(Recipe, "_stop_requested", stop_at_step(3))
         stopped = train(config(workdir, "resumed", max_steps=6, save_steps=3), show_progress=False)
     assert read_status(stopped)["status"] == "stopped" and (stopped / "adapter_model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3]

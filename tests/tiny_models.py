@@ -99,3 +99,15 @@ def make_arch_model_dir(path: Path, model_type: str = "llama", *, seed: int = 0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def stop_at_step(step: int):
+    """A stand-in for Recipe._stop_requested that asks for a graceful stop after optimizer step `step` (as
+    Ctrl-C would): patch it in with monkeypatch.setattr(Recipe, "_stop_requested", stop_at_step(3))."""
+    calls = {"n": 0}
+
+    def stop_requested(self) -> bool:
+        calls["n"] += 1
+        return calls["n"] == step
+
+    return stop_requested
