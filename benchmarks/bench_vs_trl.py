@@ -193,7 +193,7 @@ def _examples(spec: dict):
 
     config = train_config(spec, output_dir=str(Path(spec["workdir"]) / "unused"))
     tokenizer = load_tokenizer(config.model)
-    examples = tokenize(load_data(config.data)[0], tokenizer, max_length=config.max_length,
+    examples = tokenize(load_data(config.data, config.columns)[0], tokenizer, max_length=config.max_length,
                         max_prompt_length=config.max_prompt_length, use_chat_template=False)
     return config, tokenizer, examples
 

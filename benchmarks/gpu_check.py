@@ -102,7 +102,7 @@ def check_one(spec: dict) -> dict:
                          lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=5e-5, use_chat_template=False,
                          load_in_4bit=cuda, optimizer="paged_adamw_8bit" if cuda else "adamw_torch").resolved()
     tokenizer = kto_model.load_tokenizer(config.model)
-    ex = tokenize(load_data(config.data)[0], tokenizer, max_length=config.max_length,
+    ex = tokenize(load_data(config.data, config.columns)[0], tokenizer, max_length=config.max_length,
                   max_prompt_length=config.max_prompt_length, use_chat_template=False)
     out: dict = {"model": spec["name"], "precision": spec["precision"]}
 

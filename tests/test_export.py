@@ -199,3 +199,24 @@ def test_files_the_user_receives_follow_the_umask(run, tmp_path):
     assert zipped.stat().st_mode & 0o777 == 0o644
     assert folder.stat().st_mode & 0o777 == 0o755
     assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_drift_check_reads_the_runs_data_with_its_own_column_names(run, base_dir, tmp_path):
+    """A run trained with `columns` (its data has other column names): the drift rows are its rows, read with
+    that mapping, not a data error."""
+    import shutil
+
+    import yaml
+
+    from kto_lite.export.merge import drift_rows
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    data = tmp_path / "renamed.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "reply": f"a{i}", "ok": i % 2 == 0}) + "\n"
+                            for i in range(4)))
+    settings = yaml.safe_load((copy / "config.yaml").read_text())
+    settings.update(data=str(data), columns={"question": "prompt", "reply": "completion", "ok": "label"})
+    (copy / "config.yaml").write_text(yaml.safe_dump(settings))
+    rows = drift_rows(copy, AutoTokenizer.from_pretrained(base_dir), n=3)
+    assert len(rows) == 3 and all(0 < prompt_length < len(ids) for ids, prompt_length in rows)

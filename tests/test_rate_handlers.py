@@ -280,6 +280,21 @@ def test_round_numbers_follow_the_init_adapter_chain(runs, adapter_files, starte
     assert train_config(argv[3:]).num_epochs == TrainConfig().num_epochs  # empty epochs: as the run
 
 
+def test_the_next_round_keeps_watching_the_judged_success(runs, adapter_files, started, tmp_path):
+    """A run trained with eval_prompts + judge: its next round judges the same held-out prompts the same way
+    (and keeps the best checkpoint if the run did), so the rounds' numbers compare."""
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"prompt": "What is 2 + 3?", "answer": "5"}\n')
+    run = make_run(runs, adapter_files, eval_prompts=str(heldout), judge="number", keep_best=True,
+                   early_stopping_patience=2, eval_steps=5)
+    (run / "feedback.jsonl").write_text('{"prompt": "a", "completion": "b", "label": true}\n')
+    rate.train_next_round(str(run), "", None, None, "init_adapter")
+    (argv, _), = started
+    config = train_config(argv[3:])
+    assert (config.eval_prompts, config.judge, config.keep_best, config.early_stopping_patience,
+            config.eval_steps) == (str(heldout), "number", True, 2, 5)
+
+
 def test_next_round_needs_feedback_and_a_free_trainer(runs, adapter_files, started, monkeypatch):
     run = make_run(runs, adapter_files)
     assert "No feedback yet" in rate.train_next_round(str(run), "", None, None, "base")[0]

@@ -390,18 +390,19 @@ def test_progress_reads_the_run_folder_and_skips_when_nothing_changed(runs):
     rows = [{"step": s, "loss": 0.5 - s / 100, "kl": 0.1, "rewards/chosen": 0.1, "rewards/rejected": -0.1,
              "rewards/margins": 0.2, "learning_rate": 1e-5} for s in (1, 2, 3)]
     make_run(runs, "20250101-000000-a", metrics=rows)
-    status, log, loss, rewards, kl, lr, dropdown, signature, _ = train.progress(train.LATEST, None)
+    status, log, loss, rewards, kl, lr, judged, answers, dropdown, signature, _ = train.progress(train.LATEST, None)
     assert "finished" in status and "step 3 / 3" in status
+    assert judged["visible"] is False and answers == ""  # no judge: no judged plot, no answers
     assert list(loss["value"].dropna()["value"]) == [0.49, 0.48, 0.47] and loss["visible"]
     assert set(rewards["value"]["series"]) == {"desirable", "undesirable", "margin"}
     assert [c[1] for c in dropdown["choices"]] == [train.LATEST, str(runs / "20250101-000000-a")]
     again = train.progress(train.LATEST, signature)
-    assert again[:7] == (SKIP,) * 7
+    assert again[:9] == (SKIP,) * 9
 
 
 def test_progress_before_any_run_is_an_empty_state():
-    status, log, *plots, _, _, _ = train.progress(train.LATEST, None)
-    assert "No runs yet" in status and all(p["value"] is None and p["visible"] is False for p in plots)
+    status, log, *plots, answers, _, _, _ = train.progress(train.LATEST, None)
+    assert "No runs yet" in status and answers == "" and all(p["value"] is None and p["visible"] is False for p in plots)
 
 
 def test_plots_know_the_eval_series_from_the_first_step(runs):
@@ -502,8 +503,50 @@ def test_a_cpu_run_says_how_long_it_should_take_then_the_time_left(monkeypatch, 
 
 def test_a_one_step_run_draws_no_empty_chart(runs):
     make_run(runs, "20250101-000000-a", metrics=[{"step": 1, "loss": 0.69, "kl": 0.0}])
-    status, _, *plots, _, _, _ = train.progress(train.LATEST, None)
+    status, _, *plots, _, _, _, _ = train.progress(train.LATEST, None)
     assert all(p["visible"] is False for p in plots) and "1 step logged: nothing to plot" in status
+
+
+def judged_line(step: int, success: float) -> dict:
+    return {"step": step, "eval_judged_success": success, "eval_judged_success_low": success - 0.1,
+            "eval_judged_success_high": success + 0.1}
+
+
+def test_judged_success_is_plotted_beside_the_loss_from_step_0(runs):
+    """A run with eval_prompts + judge: the judged plot is drawn from its second evaluation (step 0 is the
+    first), its three series known from the start."""
+    run = make_run(runs, "20250101-000000-a", metrics=[judged_line(0, 0.2)])
+    plots = train.progress(train.LATEST, None)[2:7]
+    assert plots[4]["visible"] is False  # one evaluation: nothing to draw yet
+    with open(run / "metrics.jsonl", "a") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "loss": 0.5, "kl": 0.0}) + "\n")
+        f.write(json.dumps({"step": 2, "loss": 0.4, **judged_line(2, 0.5)}) + "\n")
+    plots = train.progress(train.LATEST, None)[2:7]
+    judged = plots[4]
+    assert judged["visible"] and set(judged["value"]["series"]) == {"judged success", "95% low", "95% high"}
+    points = judged["value"].dropna()
+    assert list(points[points["series"] == "judged success"]["value"]) == [0.2, 0.5]
+    assert list(points["step"].unique()) == [0, 2]
+
+
+def test_the_train_tab_shows_what_the_judge_saw_first_and_last(runs):
+    """judged_samples.jsonl: the first and the latest evaluation's answers side by side, with the verdicts;
+    text that would break the table (pipes, newlines, HTML) is made safe."""
+    run = make_run(runs, "20250101-000000-a", metrics=[judged_line(0, 0.0), judged_line(2, 1.0)])
+    kept = [{"step": 0, "prompt_index": 0, "prompt": "What is 2+3?", "answer": "6 | <b>six</b>\nok", "verdict": False},
+            {"step": 0, "prompt_index": 1, "prompt": [{"role": "user", "content": "What is 1+1?"}], "answer": "2",
+             "verdict": True},
+            {"step": 1, "prompt_index": 0, "prompt": "What is 2+3?", "answer": "4", "verdict": False},
+            {"step": 2, "prompt_index": 0, "prompt": "What is 2+3?", "answer": "5", "verdict": True},
+            {"step": 2, "prompt_index": 1, "prompt": [{"role": "user", "content": "What is 1+1?"}], "answer": "2",
+             "verdict": None}]
+    (run / "judged_samples.jsonl").write_text("".join(json.dumps(k) + "\n" for k in kept))
+    answers = train.progress(train.LATEST, None)[7]
+    lines = answers.splitlines()
+    assert "| prompt | step 0 | step 2 |" in lines  # the first and the latest evaluation, not step 1
+    assert "| What is 2+3? | ✗ 6 \\| &lt;b&gt;six&lt;/b&gt; ok | ✓ 5 |" in lines
+    assert "| What is 1+1? | ✓ 2 | ? 2 |" in lines  # a conversation shows its question; no verdict: ?
 
 
 def test_a_finished_run_is_reported_once_to_the_chat_tab(runs):

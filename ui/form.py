@@ -25,6 +25,8 @@ SECTIONS = {
               "gradient_accumulation_steps"),
     "kto": ("beta", "desirable_weight", "undesirable_weight", "loss_type"),
     "lora": ("lora_r", "lora_alpha", "lora_dropout", "max_length", "max_prompt_length", "seed"),
+    "judged": ("eval_prompts", "judge", "reference_column", "judge_threshold", "eval_samples_per_prompt",
+               "keep_best", "early_stopping_patience", "eval_steps"),
 }
 # The app decides these: the Data tab gives data (and maps columns into a file of its own), a run gets a new folder.
 APP_SET = ("data", "columns", "output_dir", "resume_from_checkpoint", "overwrite_output_dir")

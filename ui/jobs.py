@@ -36,6 +36,8 @@ PLOTS = {  # plot title -> {metrics.jsonl key: legend name}
     "rewards": {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"},
     "kl": {"kl": "train", "eval_kl": "eval"},
     "learning rate": {"learning_rate": "learning rate"},
+    "judged success": {"eval_judged_success": "judged success", "eval_judged_success_low": "95% low",
+                       "eval_judged_success_high": "95% high"},
 }
 
 
@@ -197,7 +199,8 @@ def metric_frames(run: Path | None) -> dict:
             frames[title] = None
             continue
         first = min(p[0] for p in points)
-        names = [name for key, name in keys.items() if with_eval or not key.startswith("eval_")]
+        names = [name for key, name in keys.items()
+                 if not key.startswith("eval_") or with_eval or any(key in r for r in rows)]
         padding = [(first, math.nan, name) for name in names]
         frame = pd.DataFrame(padding + points, columns=["step", "value", "series"])
         frames[title] = frame.astype({"step": "int64", "value": "float64"})

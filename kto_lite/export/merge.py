@@ -229,7 +229,7 @@ def drift_rows(adapter_dir: str | Path, tokenizer, n: int = 8, max_length: int =
     path = settings.get("eval_data") or settings.get("data")
     if not path or not Path(path).exists() or n <= 0:
         return []
-    examples, _ = load_data(path)
+    examples, _ = load_data(path, settings.get("columns") or None)  # the run's own column names
     rows = tokenize(examples[-n:], tokenizer, max_length=max_length, max_prompt_length=None,
                     use_chat_template=settings.get("use_chat_template"))
     return [(r.prompt_ids + r.completion_ids, len(r.prompt_ids)) for r in rows]

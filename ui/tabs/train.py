@@ -2,6 +2,8 @@
 
 Training is the `python -m kto_lite train` process jobs.py starts; the tab follows it only by reading
 the run folder (status.json, metrics.jsonl, train.log), so a reload or a restarted app finds it again.
+A run with `eval_prompts` and `judge` also plots its judged success and shows what the judge saw
+(judged_samples.jsonl: the first and the latest evaluation's answers, with the verdicts).
 Beside the model choice, what the run costs on this machine: GPU memory (kto_lite.memory) or, on a
 CPU, the expected minutes (kto_lite.presets.cpu_seconds).
 """
@@ -21,6 +23,7 @@ from kto_lite import presets
 from kto_lite.config import TrainConfig
 from kto_lite.errors import ConfigError
 from kto_lite.runs import checkpoints
+from kto_lite.training.judged import SAMPLES_FILE, judged_samples
 
 from .. import form, jobs, runs
 
@@ -31,7 +34,7 @@ OPTIONAL = [s.name for s in SPECS if s.optional and s.kind in ("integer", "numbe
 DEFAULT_PLACEHOLDERS = form.placeholders(SPECS, TrainConfig())  # the form starts on the demo model
 TIMER_SECONDS = 2.0
 SECTION_TITLES = {"basic": "Model and schedule", "kto": "KTO loss", "lora": "LoRA, lengths and seed",
-                  "advanced": "Advanced"}
+                  "judged": "Judged success on held-out prompts (optional)", "advanced": "Advanced"}
 _EXPECTED: dict[str, tuple[float, float]] = {}  # run -> (start time, expected seconds on this CPU)
 
 
@@ -350,15 +353,61 @@ def status_html(run: Path | None, state: jobs.RunState | None, steps_logged: int
     return f"<div class='kto-status'>{' · '.join(parts)}{bar}{message}</div>"
 
 
-def _plots(frames: dict, steps_logged: int) -> list:
-    """The four plots: drawn from two logged steps on; hidden before (one point draws an empty chart)."""
-    if steps_logged < 2:
-        return [gr.update(value=None, visible=False)] * len(frames)
-    return [gr.update(value=frame, visible=True) for frame in frames.values()]
+def _plots(frames: dict) -> list:
+    """The plots, each drawn from two logged points on; hidden before (one point draws an empty chart)."""
+    return [gr.update(value=frame, visible=True) if _points(frame) >= 2 else gr.update(value=None, visible=False)
+            for frame in frames.values()]
+
+
+def _points(frame) -> int:
+    return 0 if frame is None else frame.dropna()["step"].nunique()
+
+
+def judged_answers(run: Path | None) -> str:
+    """What the judge saw: the kept answers (judged_samples.jsonl) of the first and the latest judged
+    evaluation, prompt by prompt, with the verdicts; empty for a run without a judge."""
+    samples = judged_samples(run) if run is not None else []
+    if not samples:
+        return ""
+    steps = sorted({s["step"] for s in samples})
+    first, last = steps[0], steps[-1]
+    by = {(s["step"], s["prompt_index"]): s for s in samples}
+    shown = [first, last] if last != first else [first]
+    head = "| prompt | " + " | ".join(f"step {step}" for step in shown) + " |"
+    lines = [f"**What the judge saw** (the first answer to {len({s['prompt_index'] for s in samples})} held-out "
+             f"prompts at each evaluation; all of them in `{SAMPLES_FILE}`):", "", head,
+             "|---|" + "---|" * len(shown)]
+    for index in sorted({s["prompt_index"] for s in samples}):
+        prompt = next(s["prompt"] for s in samples if s["prompt_index"] == index)
+        cells = [_verdict_cell(by.get((step, index))) for step in shown]
+        lines.append(f"| {_cell(_prompt_text(prompt), 120)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _verdict_cell(sample: dict | None) -> str:
+    if sample is None:
+        return ""
+    mark = {True: "✓", False: "✗"}.get(sample["verdict"], "?")
+    return f"{mark} {_cell(sample['answer'], 160)}"
+
+
+def _prompt_text(prompt) -> str:
+    """A prompt as text: a conversation's last user message."""
+    if isinstance(prompt, list):
+        return next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
+    return str(prompt)
+
+
+def _cell(text: str, limit: int) -> str:
+    """Text safe in one Markdown table cell: one line, escaped, cut at `limit` characters."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return html.escape(text).replace("|", "\\|") or "(empty)"
 
 
 def progress(choice: str | None, last_signature):
-    """One timer tick: (status, log tail, loss, rewards, kl, learning rate, run dropdown, signature, finished).
+    """One timer tick: (status, log tail, the plots of jobs.PLOTS, the judged answers, run dropdown, signature,
+    finished).
 
     Everything is read from the run folder; outputs are skipped when nothing changed, so the plots
     do not redraw every tick. `finished` is the run's folder when this tick saw it finish (the Chat tab
@@ -378,11 +427,12 @@ def progress(choice: str | None, last_signature):
                      and last_signature[2] in ("running", "stopping", "starting") else gr.skip())
     if signature[:3] == last_signature[:3]:
         status = status_html(run, state) if state is not None and state.active else gr.skip()  # the time left
-        return (status,) + (gr.skip(),) * 5 + (dropdown, signature, just_finished)
+        return (status,) + (gr.skip(),) * (2 + len(jobs.PLOTS)) + (dropdown, signature, just_finished)
     frames = jobs.metric_frames(run)
     logged = jobs.steps_logged(run) if run else 0
     log = jobs.log_tail(run) if run else ""
-    return (status_html(run, state, logged), log, *_plots(frames, logged), dropdown, signature, just_finished)
+    return (status_html(run, state, logged), log, *_plots(frames), judged_answers(run), dropdown, signature,
+            just_finished)
 
 
 # ---------------------------------------------------------------------- layout and wiring
@@ -478,6 +528,8 @@ def build(demo: gr.Blocks, data_state: gr.State) -> TrainTab:
                 with gr.Row():
                     kl_plot = _plot("kl (the z0 reference point)", "kl")
                     lr_plot = _plot("learning rate", "learning rate", ".1e")
+                judged_plot = _plot("judged success on held-out prompts (eval_prompts + judge)", "judged success")
+                answers = gr.Markdown(elem_classes="kto-judged")
                 log = gr.Code(language=None, label="train.log (last lines)", lines=10, max_lines=14,
                               wrap_lines=False, show_line_numbers=False, elem_classes="kto-log")
         with gr.Accordion("Show as recipe", open=False):
@@ -505,7 +557,8 @@ def build(demo: gr.Blocks, data_state: gr.State) -> TrainTab:
     stop.click(stop_training, run_pick, message, api_name="stop")
     resume.click(resume_training, run_pick, message, api_name="resume", concurrency_limit=1,
                  concurrency_id="start")
-    outputs = [status, log, loss_plot, rewards_plot, kl_plot, lr_plot, run_pick, progress_sig, finished]
+    outputs = [status, log, loss_plot, rewards_plot, kl_plot, lr_plot, judged_plot, answers, run_pick, progress_sig,
+               finished]
     timer.tick(progress, [run_pick, progress_sig], outputs, api_visibility="private", show_progress="hidden")
     # a run picked by hand is drawn at once (no previous signature: nothing is skipped)
     run_pick.input(progress, [run_pick, no_signature], outputs, api_name="train_progress")
