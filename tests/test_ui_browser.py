@@ -20,7 +20,10 @@ from pathlib import Path
 import pytest
 from test_ui_e2e import model_and_data, running_app
 
+from kto_lite.demo import DEMO_DATA_DIR
+
 pytestmark = pytest.mark.browser
+DEMO_HELDOUT = DEMO_DATA_DIR / "demo_heldout.jsonl"
 CHROMIUM = shutil.which("chromium")
 SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -126,10 +129,20 @@ def test_first_ten_minutes(tmp_path, page):
         page.get_by_role("tab", name="Train").click()
         page.get_by_text(re.compile("Training data:.*demo_kto")).wait_for()
         fill_number(page, "max steps", 6)
+        page.get_by_text("Judged success on held-out prompts").click()  # a closed accordion
+        field(page, "eval prompts").fill(str(DEMO_HELDOUT))
+        page.get_by_role("textbox", name=re.compile("^judge Judge of")).fill("number")
+        fill_number(page, "eval steps", 3)
         page.get_by_role("button", name="▶ Start").click()
         page.get_by_text(re.compile("Started .* Expected to take about")).wait_for()
         expect(page.get_by_role("button", name=re.compile("Try the workflow in one minute"))).to_be_hidden()
         page.locator(".kto-finished").wait_for()
+        # judged at steps 0, 3 and 6: plotted beside the loss, with what the judge saw first and last
+        page.get_by_text("judged success on held-out prompts (eval_prompts + judge)").wait_for()
+        answers = page.locator(".prose.kto-judged")
+        expect(answers).to_contain_text("What the judge saw")
+        expect(answers.locator("th")).to_have_text(["prompt", "step 0", "step 6"])
+        shot(page, "train-judged")
         page.get_by_role("tab", name="Chat").click()
         page.get_by_text(re.compile(r"Before: \d of 8 right → after: \d of 8 right")).wait_for()
         shot(page, "3-chat")

@@ -424,6 +424,32 @@ def test_log_tail_keeps_the_last_state_of_progress_bars(runs):
     assert jobs.log_tail(run) == "start\nKTO 3/3\ndone"
 
 
+def test_log_tail_draws_a_nested_bar_over_its_own_line_and_drops_it_once_closed(runs):
+    """What tqdm writes to the log for the judged evaluation's bar inside the training's (both real tqdm bars,
+    as the trainer draws them): the training bar's last state, the nested bar gone once closed."""
+    from tqdm import tqdm
+
+    run = make_run(runs, "20250101-000000-a")
+    with open(run / "train.log", "w") as log:
+        log.write("start\n")
+        outer = tqdm(total=2, desc="KTO", file=log, mininterval=0, ascii=True)
+        for _ in range(2):
+            for _ in tqdm(range(3), desc="judged evaluation", file=log, leave=False, mininterval=0, ascii=True):
+                pass
+            outer.update()
+        outer.close()
+        log.write("done\n")
+    lines = jobs.log_tail(run).splitlines()
+    assert lines[0] == "start" and lines[-1] == "done" and len(lines) == 3, lines
+    assert lines[1].startswith("KTO: 100%") and "\x1b" not in jobs.log_tail(run)
+    with open(run / "train.log", "a") as log:  # an evaluation still running: its bar under the training's
+        outer = tqdm(total=2, initial=1, desc="KTO", file=log, mininterval=0, ascii=True)
+        inner = tqdm(total=3, desc="judged evaluation", file=log, leave=False, mininterval=0, ascii=True)
+        inner.update()
+    lines = jobs.log_tail(run).splitlines()
+    assert lines[-2].startswith("KTO:  50%") and lines[-1].startswith("judged evaluation:  33%"), lines
+
+
 def test_eta_from_the_speed_seen(runs):
     run = make_run(runs, "20250101-000000-a")
     state = jobs.RunState("running", "training", step=10, total_steps=30)

@@ -75,15 +75,41 @@ def log_path(run: Path) -> Path:
 
 
 def log_tail(run: Path, lines: int = 40, max_bytes: int = 64_000) -> str:
-    """The last lines of the log; tqdm's carriage-return redraws are reduced to their last state."""
+    """The last lines of the log as a terminal would show them: tqdm's carriage-return redraws reduced to
+    their last state, a nested bar (the judged evaluation inside the training's) drawn over its own line
+    and gone once closed."""
     path = log_path(run)
     if not path.is_file():
         return ""
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - max_bytes))
         text = f.read().decode("utf-8", errors="replace")
-    out = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return "\n".join(out[-lines:]).strip("\n")
+    return "\n".join(_as_shown(text)[-lines:]).strip("\n")
+
+
+_CONTROL = re.compile(r"(\r?\n|\r|\x1b\[[0-9;]*[A-Za-z])")  # line ends, carriage returns, ANSI escapes
+
+
+def _as_shown(text: str) -> list[str]:
+    """The screen lines `text` leaves on a terminal, for what tqdm writes: text overwrites from the cursor, a
+    line break goes to the start of the next line, a carriage return to the start of this one, ESC[A (cursor
+    up) to the line above; other escapes are dropped. A line that was overwritten with blanks (a closed
+    bar, leave=False) is left out; an empty line of the log stays."""
+    shown, row, col = [""], 0, 0
+    for token in _CONTROL.split(text):
+        if token in ("\n", "\r\n"):
+            row, col = row + 1, 0
+            if row == len(shown):
+                shown.append("")
+        elif token == "\r":
+            col = 0
+        elif token == "\x1b[A":
+            row = max(row - 1, 0)
+        elif token and not token.startswith("\x1b"):
+            line = shown[row].ljust(col)
+            shown[row] = line[:col] + token + line[col + len(token):]
+            col += len(token)
+    return [line.rstrip() for line in shown if line.strip() or not line]
 
 
 def list_runs(runs_dir: Path) -> list[Path]:
