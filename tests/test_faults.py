@@ -13,7 +13,7 @@ import errno
 import pytest
 import torch
 from test_model_loading import fake_gguf_reader, gguf_file  # noqa: F401 - a fixture shared with those tests
-from tiny_models import make_model_dir
+from tiny_models import make_model_dir, make_training_dir
 
 from kto_lite.config import TrainConfig
 from kto_lite.files import DiskFullError, atomic_path
@@ -168,12 +168,7 @@ def test_a_damaged_demo_model_is_detected_and_how_to_restore_it_said(tmp_path, m
 # ---------------------------------------------------------------------- a full disk during a run
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from tiny_models import learnable_rows, write_jsonl
-
-    root = tmp_path_factory.mktemp("faults")
-    make_model_dir(root / "model")
-    write_jsonl(root / "train.jsonl", learnable_rows(32, seed=0))
-    return root
+    return make_training_dir(tmp_path_factory.mktemp("faults"))
 
 
 def run_config(workdir, name, **kw):

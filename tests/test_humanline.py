@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator
-from tiny_models import stop_at_step
+from tiny_models import make_recipe, stop_at_step
 
 from kto_lite.config import TrainConfig
 from kto_lite.demo import DEMO_MODEL_DIR, DEMO_SAMPLES
 from kto_lite.errors import ConfigError
 from kto_lite.model import reference_mode
-from kto_lite.runs import RunDir, prepare_output_dir, read_metrics, read_status
+from kto_lite.runs import read_metrics, read_status
 from kto_lite.training.batching import collate
 from kto_lite.training.logps import completion_token_logps
 from kto_lite.training.loss import humanline_log_ratios, kto_loss
@@ -70,14 +69,6 @@ def config(tmp_path, name="run", **kw) -> TrainConfig:
                   max_prompt_length=32, lora_dropout=0.0, seed=0, save_steps=0, learning_rate=3e-3, warmup_ratio=0.0,
                   humanline=True, log_epsilon_P=-0.05, log_epsilon_R=0.05, humanline_sync_steps=3)
     return TrainConfig(**{**values, **kw})
-
-
-def make_recipe(cfg: TrainConfig) -> Recipe:
-    cfg = cfg.resolved()
-    prepare_output_dir(cfg)
-    recipe = Recipe(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), show_progress=False)
-    recipe.setup()
-    return recipe
 
 
 def direct_loss(recipe: Recipe, split, indices: list[int]) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny_models import learnable_rows, make_model_dir, write_jsonl
+from tiny_models import make_training_dir
 
 from kto_lite.config import TrainConfig
 from kto_lite.runs import read_metrics
@@ -12,10 +12,7 @@ from kto_lite.training.recipe import train
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trackers")
-    make_model_dir(root / "model")
-    write_jsonl(root / "train.jsonl", learnable_rows(32, seed=0))
-    return root
+    return make_training_dir(tmp_path_factory.mktemp("trackers"))
 
 
 def run(workdir, name, **kw):

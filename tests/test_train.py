@@ -10,15 +10,14 @@ import time
 
 import pytest
 import torch
-from accelerate import Accelerator
 from peft import PeftModel
-from tiny_models import learnable_rows, make_model_dir, stop_at_step, write_jsonl
+from tiny_models import learnable_rows, make_model_dir, make_recipe, stop_at_step, write_jsonl
 
 from kto_lite.config import TrainConfig
 from kto_lite.data import load_data, tokenize
 from kto_lite.errors import ConfigError
 from kto_lite.model import load_base, load_tokenizer, reference_mode
-from kto_lite.runs import RunDir, prepare_output_dir, read_metrics, read_status
+from kto_lite.runs import prepare_output_dir, read_metrics, read_status
 from kto_lite.training.batching import Rows, collate
 from kto_lite.training.logps import completion_logps
 from kto_lite.training.loss import kto_loss
@@ -52,15 +51,6 @@ def trained(workdir):
     out = train(config(workdir, "run", max_steps=24, eval_data=str(workdir / "heldout.jsonl"), eval_steps=12),
                 show_progress=False)
     return out
-
-
-def make_recipe(cfg: TrainConfig) -> Recipe:
-    """A set-up recipe (data, model, reference columns' inputs, optimizer) without running the loop."""
-    cfg = cfg.resolved()
-    prepare_output_dir(cfg)
-    recipe = Recipe(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), show_progress=False)
-    recipe.setup()
-    return recipe
 
 
 def micro_batch_loss(recipe: Recipe, mb):

@@ -1,12 +1,17 @@
-"""Tiny local models and tokenizers for tests: built from scratch, nothing downloaded."""
+"""Tiny local models and tokenizers for tests, built from scratch (nothing downloaded); data they learn, and
+helpers to set up or stop a training run on them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from kto_lite.runs import RunDir, prepare_output_dir
+from kto_lite.training.recipe import Recipe
 
 WORDS = ("the a is are what how why who where when yes no good bad answer question cat dog bird fish red blue "
          "green one two three four five six seven eight nine ten plus minus equals apple pear tree house car "
@@ -111,3 +116,19 @@ def stop_at_step(step: int):
         return calls["n"] == step
 
     return stop_requested
+
+
+def make_training_dir(root: Path) -> Path:
+    """`root` with a tiny model (root/model) and 32 rows it can learn (root/train.jsonl)."""
+    make_model_dir(Path(root) / "model")
+    write_jsonl(Path(root) / "train.jsonl", learnable_rows(32, seed=0))
+    return Path(root)
+
+
+def make_recipe(cfg):
+    """A set-up recipe (data, model, reference log-probs, optimizer) for `cfg`, without running the loop."""
+    cfg = cfg.resolved()
+    prepare_output_dir(cfg)
+    recipe = Recipe(cfg, Accelerator(cpu=True), RunDir(cfg.output_dir), show_progress=False)
+    recipe.setup()
+    return recipe
