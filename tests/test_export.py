@@ -220,3 +220,18 @@ def test_the_drift_check_reads_the_runs_data_with_its_own_column_names(run, base
     (copy / "config.yaml").write_text(yaml.safe_dump(settings))
     rows = drift_rows(copy, AutoTokenizer.from_pretrained(base_dir), n=3)
     assert len(rows) == 3 and all(0 < prompt_length < len(ids) for ids, prompt_length in rows)
+
+
+def test_a_gguf_export_whose_base_is_gone_says_which_model_and_what_to_do(run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "config.yaml").write_text(yaml.safe_dump({"model": "no-such-org/no-such-model", "load_in_4bit": True}))
+    assert export_command.main(["--adapter", str(copy), "--gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'no-such-org/no-such-model' is not in the Hugging Face cache" in err and "HF_HUB_OFFLINE=1" in err
+    assert not list(copy.glob("*.gguf"))

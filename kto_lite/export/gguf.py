@@ -25,6 +25,7 @@ import torch
 from kto_lite.errors import UnsupportedModel
 from kto_lite.export.gguf_vocab import add_tokenizer
 from kto_lite.files import atomic_path
+from kto_lite.missing_model import explained_load_errors
 from kto_lite.model import hub_options
 
 QUANTS = ("f16", "q8_0")
@@ -329,7 +330,8 @@ def base_config(base: str, *, revision: str | None = None, trust_remote_code: bo
     transformers)."""
     from transformers import AutoConfig
 
-    if base.endswith(".gguf"):
-        path = Path(base)
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoConfig.from_pretrained(base, **hub_options(base, revision, trust_remote_code))
+    with explained_load_errors(base, revision):  # a base not found: which, and what to do (exit 2)
+        if base.endswith(".gguf"):
+            path = Path(base)
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoConfig.from_pretrained(base, **hub_options(base, revision, trust_remote_code))
