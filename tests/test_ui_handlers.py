@@ -119,7 +119,8 @@ def test_form_values_survive_the_command_line():
              "lora_target_modules": "q_proj, v_proj", "use_chat_template": "false", "max_steps": 3.0,
              "learning_rate": 2e-5}
     values = [edits.get(s.name, s.default) for s in specs]
-    config = form.build_config(specs, values, data="my data.jsonl", output_dir="runs/x")
+    config = form.build_config(specs, values, data="my data.jsonl", output_dir="runs/x",
+                               columns={"my question": "prompt", "réponse": "completion"})
     assert config.desirable_weight == "auto" and config.undesirable_weight == 0.5
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.use_chat_template is False
     argv = form.train_argv(config)
@@ -196,11 +197,17 @@ def test_unknown_columns_offer_mapping_and_the_mapping_trains(tmp_path, runs):
     mapped = data.on_map_columns(source, *[targets.get(t, data.NOT_IN_FILE) for t in data.MAP_TARGETS])
     state = mapped[-1]
     assert state["rows"] == 3 and state["n_desirable"] == 2
-    assert Path(state["path"]).parent == runs / "_data"
+    assert state["path"] == source["path"] and Path(state["path"]).parent == runs / "_data"  # the upload itself
+    assert state["columns"] == {"question": "prompt", "answer": "completion", "rating": "label"}
     from kto_lite.data import load_data
 
-    examples, _ = load_data(state["path"])  # what the trainer will read
+    values = form.config_to_values(TrainConfig(), train.SPECS)
+    config = train._config(state, values, runs / "r")  # the run's `columns` field: the mapping, as the CLI's
+    assert config.data == state["path"] and config.columns == state["columns"]
+    examples, _ = load_data(config.data, config.columns)  # what the trainer will read
     assert [(e.prompt, e.completion, e.label) for e in examples][1] == ("hi", "go away", False)
+    recipe_yaml, command, _ = train.show_recipe(state, "", *values)
+    assert "columns:" in recipe_yaml and "--columns" in command
 
 
 def test_bad_label_names_the_row_without_offering_mapping(tmp_path):

@@ -28,7 +28,7 @@ SECTIONS = {
     "judged": ("eval_prompts", "judge", "reference_column", "judge_threshold", "eval_samples_per_prompt",
                "keep_best", "early_stopping_patience", "eval_steps"),
 }
-# The app decides these: the Data tab gives data (and maps columns into a file of its own), a run gets a new folder.
+# The app decides these: the Data tab gives data and its column mapping, a run gets a new folder.
 APP_SET = ("data", "columns", "output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 TRISTATE = ("auto", "true", "false")  # bool | None fields: auto = None
 
@@ -161,10 +161,11 @@ def _is_number(text: str) -> bool:
 
 
 def build_config(specs: list[FieldSpec], values: list, *, data: str | None, output_dir: str | Path,
-                 resume: bool = False) -> TrainConfig:
-    """The TrainConfig of a new run; raises ConfigError with a readable message on a bad value."""
+                 columns: dict[str, str] | None = None, resume: bool = False) -> TrainConfig:
+    """The TrainConfig of a new run; raises ConfigError with a readable message on a bad value. `columns`: the
+    Data tab's column mapping (file column -> canonical name), the config's `columns` field."""
     settings = form_to_dict(specs, values)
-    settings.update(data=data, output_dir=str(output_dir))
+    settings.update(data=data, output_dir=str(output_dir), columns=dict(columns or {}))
     if resume:
         settings["resume_from_checkpoint"] = True
     return TrainConfig.from_dict(settings, source="train form")
@@ -192,6 +193,8 @@ def cli_value(value) -> str:
         return str(value).lower()
     if isinstance(value, list):
         return "[" + ",".join(value) + "]"
+    if isinstance(value, dict):  # columns: a JSON object is a YAML mapping
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, str):
         try:
             same = yaml.safe_load(value) == value

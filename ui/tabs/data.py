@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +139,9 @@ def describe_data(path: str | Path | None, name: str, column_map: dict | None = 
     """Read a data file and describe it for the Data tab (outputs as `_data_outputs`).
 
     `shown` is how messages name the file (an upload: the name the user gave it, not where it is
-    kept). The state output is what the Train tab trains on: {"path", "name", "rows", "n_desirable",
-    "n_undesirable", "weights", "chars", "demo"}, or None when the file cannot be used. "demo": the
+    kept). The state output is what the Train tab trains on: {"path", "columns" (the mapping, the run's
+    `columns` field), "name", "rows", "n_desirable", "n_undesirable", "weights", "chars", "demo"}, or None when
+    the file cannot be used. "demo": the
     data is the built-in demo model's own (`demo`, or when None: the file is one of its samples).
     """
     if not path:
@@ -159,24 +159,13 @@ def describe_data(path: str | Path | None, name: str, column_map: dict | None = 
                     "the names tell), then **Apply mapping**.")
         boxes = [gr.update(choices=[NOT_IN_FILE, *columns], value=guess.get(t, NOT_IN_FILE)) for t in MAP_TARGETS]
         return _data_outputs(problems=problem, mapping=True, boxes=boxes)
-    if column_map:  # the trainer reads files, not column maps: save the mapped examples as format 1
-        path = _write_mapped(examples, Path(path), column_map)
-    state = {"path": str(path), "name": name, "rows": report.rows_out, "n_desirable": report.n_desirable,
+    state = {"path": str(path), "columns": dict(column_map or {}), "name": name, "rows": report.rows_out,
+             "n_desirable": report.n_desirable,
              "n_undesirable": report.n_undesirable, "weights": [report.desirable_weight, report.undesirable_weight],
              "chars": _chars(examples), "demo": demo if demo is not None else is_demo_data(path)}
     report.path = shown
     return _data_outputs(_summary(name, report), _preview(examples), _problems_markdown(report),
                          report.format(), boxes=[gr.skip()] * len(MAP_TARGETS), state=state)
-
-
-def _write_mapped(examples, source: Path, column_map: dict) -> Path:
-    lines = [json.dumps({"prompt": ex.prompt, "completion": ex.completion, "label": ex.label}, ensure_ascii=False)
-             for ex in examples]
-    key = hashlib.sha256((str(source) + json.dumps(column_map, sort_keys=True)).encode()).hexdigest()[:16]
-    target = runs.SETTINGS.runs_dir / "_data" / f"mapped-{key}.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
 
 
 # ---------------------------------------------------------------------- handlers

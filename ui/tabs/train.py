@@ -54,7 +54,8 @@ def _config(state: dict | None, values: list, output_dir: Path | str, model: str
     values = list(values)
     if model is not None:
         values[NAMES.index("model")] = model
-    return form.build_config(SPECS, values, data=state["path"] if state else None, output_dir=output_dir)
+    return form.build_config(SPECS, values, data=state["path"] if state else None, output_dir=output_dir,
+                             columns=(state or {}).get("columns"))
 
 
 def _model(values) -> str:
