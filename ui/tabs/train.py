@@ -371,17 +371,15 @@ def judged_answers(run: Path | None) -> str:
     if not samples:
         return ""
     steps = sorted({s["step"] for s in samples})
-    first, last = steps[0], steps[-1]
+    shown = sorted({steps[0], steps[-1]})  # the first evaluation and the latest
     by = {(s["step"], s["prompt_index"]): s for s in samples}
-    shown = [first, last] if last != first else [first]
-    head = "| prompt | " + " | ".join(f"step {step}" for step in shown) + " |"
-    lines = [f"**What the judge saw** (the first answer to {len({s['prompt_index'] for s in samples})} held-out "
-             f"prompts at each evaluation; all of them in `{SAMPLES_FILE}`):", "", head,
-             "|---|" + "---|" * len(shown)]
-    for index in sorted({s["prompt_index"] for s in samples}):
-        prompt = next(s["prompt"] for s in samples if s["prompt_index"] == index)
+    prompts = {s["prompt_index"]: s["prompt"] for s in samples}
+    lines = [f"**What the judge saw** (the first answer to {len(prompts)} held-out prompts at each evaluation; "
+             f"all of them in `{SAMPLES_FILE}`):", "",
+             "| prompt | " + " | ".join(f"step {step}" for step in shown) + " |", "|---|" + "---|" * len(shown)]
+    for index in sorted(prompts):
         cells = [_verdict_cell(by.get((step, index))) for step in shown]
-        lines.append(f"| {_cell(_prompt_text(prompt), 120)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(_prompt_text(prompts[index]), 120)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
