@@ -15,6 +15,11 @@ examples are thrown away. Measured here on the real-model task (recipes/real_tas
    evaluation: step 0, which is the base, and the end); a fraction's number is the mean over seeds of the last
    judged success, and its difference from f = 1 is paired by prompt and seed (the same draws).
 
+4. each --try NAME:FIELD=VALUE[,FIELD=VALUE] trains the smallest fraction again with those config fields changed
+   (e.g. `no_rebalancing:desirable_weight=1,undesirable_weight=1`, `epochs_3:num_epochs=3`), the same data, seeds
+   and held-out draws, compared prompt by prompt with the defaults at that fraction: what to change where the
+   defaults do not hold.
+
 Resumable: finished runs are kept under <workdir>/runs; rerun the same command to continue. Prints a Markdown
 table and writes the results with the command, date and load average (--results).
 """
@@ -27,6 +32,7 @@ import random
 import sys
 from pathlib import Path
 
+import yaml
 from judged_bench import (
     default_model,
     environment,
@@ -67,6 +73,28 @@ def table(base: float, feedback: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tries_table(fraction: float, default: dict, tries: list[dict]) -> str:
+    lines = [f"| {fraction:.0%} desirable, changed | steps | held-out judged success (mean of seeds) "
+             "| per seed [95% interval] | vs the defaults, paired [95% CI] |", "|---|---|---|---|---|",
+             f"| nothing (the defaults) | {default['runs'][0]['steps']} | {default['pooled']['success']:.3f} | "
+             + "; ".join(interval(s["success"], s["low"], s["high"]) for s in default["runs"]) + " | - |"]
+    for t in tries:
+        changes = ", ".join(f"`{k}: {v}`" for k, v in t["changes"].items())
+        lines.append(f"| {changes} | {t['runs'][0]['steps']} | {t['pooled']['success']:.3f} | "
+                     + "; ".join(interval(s["success"], s["low"], s["high"]) for s in t["runs"])
+                     + f" | {signed(t['pooled']['vs'])} |")
+    return "\n".join(lines)
+
+
+def parse_try(text: str) -> tuple[str, dict]:
+    """NAME:FIELD=VALUE[,FIELD=VALUE] -> (NAME, {FIELD: value}); values read as YAML (1 -> 1, true -> True)."""
+    name, sep, fields = text.partition(":")
+    pairs = [f.partition("=") for f in fields.split(",") if f]
+    if not sep or not name or not pairs or any(not eq or not k for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE]")
+    return name, {k: yaml.safe_load(v) for k, _, v in pairs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("real", "format", "demo"), default="real")
@@ -82,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, help="cap every run's steps (smoke tests)")
     parser.add_argument("--workdir", default="runs/rare_desirable")
     parser.add_argument("--results", default="benchmarks/results/rare_desirable.json")
+    parser.add_argument("--try", dest="tries", type=parse_try, action="append", default=[],
+                        help="NAME:FIELD=VALUE[,FIELD=VALUE]: the smallest fraction again with these fields changed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if 1.0 not in args.fractions:
@@ -93,24 +123,36 @@ def main(argv: list[str] | None = None) -> int:
     eval_file = task.write_prompts(work / "heldout_prompts.jsonl", args.eval_prompts, seed=1, split="eval")
     feedback = sample_feedback(work, task, model, train_file, n=args.n, seed=args.feedback_seed,
                                load_in_4bit=args.load_in_4bit, quiet=args.quiet)
-    rows, full = [], None
-    for fraction in sorted(args.fractions, reverse=True):
-        runs, counts = [], None
+
+    def runs_at(fraction: float, name: str = "", **changes) -> tuple[list[dict], dict]:
+        runs, counts = [], {}
         for seed in args.seeds:
             data = work / "data" / f"f{fraction:g}_s{seed}.jsonl"
             counts = subset(work / "feedback.jsonl", data, fraction, seed)
-            config = TrainConfig(model=model, data=str(data), output_dir=str(work / "runs" / f"f{fraction:g}_s{seed}"),
-                                 seed=seed, save_steps=0, eval_steps=10**6, load_in_4bit=args.load_in_4bit,
-                                 max_steps=args.max_steps, **judged_fields(task, eval_file, args.eval_n))
+            folder = work / "runs" / (f"f{fraction:g}_s{seed}" + (f"_{name}" if name else ""))
+            config = TrainConfig(model=model, data=str(data), output_dir=str(folder), seed=seed, save_steps=0,
+                                 eval_steps=10**6, load_in_4bit=args.load_in_4bit, max_steps=args.max_steps,
+                                 **judged_fields(task, eval_file, args.eval_n) | changes)
             runs.append(train_judged(config, quiet=args.quiet))
+        return runs, counts
+
+    rows, full = [], None
+    for fraction in sorted(args.fractions, reverse=True):
+        runs, counts = runs_at(fraction)
         full = runs if fraction == 1.0 else full
         rows.append({"fraction": fraction, "counts": counts, "runs": runs,
                      "pooled": pooled(runs, None if fraction == 1.0 else full)})
+    tries = []
+    for name, changes in args.tries:  # at the smallest fraction, against its defaults
+        runs, _ = runs_at(rows[-1]["fraction"], name, **changes)
+        tries.append({"name": name, "changes": changes, "runs": runs, "pooled": pooled(runs, rows[-1]["runs"])})
     base = sum(r["start"] for r in full) / len(full)  # step 0 of every run is the base (its seed's draws)
     text = table(base, feedback, rows)
+    if tries:
+        text += "\n\n" + tries_table(rows[-1]["fraction"], rows[-1], tries)
     print(text)
     save(args.results, {"environment": environment([sys.executable, *sys.argv]), "args": vars(args),
-                        "feedback": feedback, "base": base, "rows": rows, "table": text})
+                        "feedback": feedback, "base": base, "rows": rows, "tries": tries, "table": text})
     return 0
 
 

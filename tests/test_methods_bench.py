@@ -66,12 +66,25 @@ def test_format_prompts_follow_the_real_task_split(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_try_must_name_fields_and_values():
+    assert rare_desirable.parse_try("epochs:num_epochs=3,beta=0.2") == ("epochs", {"num_epochs": 3, "beta": 0.2})
+    for bad in ("num_epochs=3", "epochs:", "epochs:num_epochs", ":num_epochs=3"):
+        with pytest.raises(Exception, match="expected NAME:FIELD=VALUE"):
+            rare_desirable.parse_try(bad)
+
+
 def test_rare_desirable_runs_at_a_tiny_size(tmp_path, capsys):
     results = tmp_path / "rare.json"
     assert rare_desirable.main(["--task", "demo", "--fractions", "1", "0.5", "--seeds", "0", *TINY,
                                 "--load_in_4bit", "false", "--workdir", str(tmp_path / "work"),
+                                "--try", "flat:desirable_weight=1,undesirable_weight=1",
                                 "--results", str(results)]) == 0
     saved = json.loads(results.read_text())
+    (flat,) = saved["tries"]  # the smallest fraction again, with the weights changed, against its defaults
+    assert flat["changes"] == {"desirable_weight": 1, "undesirable_weight": 1} and "vs" in flat["pooled"]
+    trained = TrainConfig.load(Path(flat["runs"][0]["run"]) / "config.yaml")
+    assert (trained.desirable_weight, trained.undesirable_weight) == (1.0, 1.0) and "f0.5_s0_flat" in flat["runs"][0]["run"]
+    assert "`desirable_weight: 1`, `undesirable_weight: 1`" in saved["table"]
     full, half = saved["rows"]
     assert half["counts"]["undesirable"] == full["counts"]["undesirable"]  # only desirable rows are cut
     assert half["counts"]["desirable"] == round(full["counts"]["desirable"] / 2)
