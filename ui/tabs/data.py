@@ -139,10 +139,10 @@ def describe_data(path: str | Path | None, name: str, column_map: dict | None = 
     """Read a data file and describe it for the Data tab (outputs as `_data_outputs`).
 
     `shown` is how messages name the file (an upload: the name the user gave it, not where it is
-    kept). The state output is what the Train tab trains on: {"path", "columns" (the mapping, the run's
-    `columns` field), "name", "rows", "n_desirable", "n_undesirable", "weights", "chars", "demo"}, or None when
-    the file cannot be used. "demo": the
-    data is the built-in demo model's own (`demo`, or when None: the file is one of its samples).
+    kept). The state output is what the Train tab trains on: {"path", "columns" (the mapping: the run's
+    `columns` field), "name", "rows", "n_desirable", "n_undesirable", "weights", "chars", "demo"}, or None
+    when the file cannot be used. "demo": the data is the built-in demo model's own (`demo`, or when None:
+    the file is one of its samples).
     """
     if not path:
         return _data_outputs(EMPTY)
@@ -160,8 +160,8 @@ def describe_data(path: str | Path | None, name: str, column_map: dict | None = 
         boxes = [gr.update(choices=[NOT_IN_FILE, *columns], value=guess.get(t, NOT_IN_FILE)) for t in MAP_TARGETS]
         return _data_outputs(problems=problem, mapping=True, boxes=boxes)
     state = {"path": str(path), "columns": dict(column_map or {}), "name": name, "rows": report.rows_out,
-             "n_desirable": report.n_desirable,
-             "n_undesirable": report.n_undesirable, "weights": [report.desirable_weight, report.undesirable_weight],
+             "n_desirable": report.n_desirable, "n_undesirable": report.n_undesirable,
+             "weights": [report.desirable_weight, report.undesirable_weight],
              "chars": _chars(examples), "demo": demo if demo is not None else is_demo_data(path)}
     report.path = shown
     return _data_outputs(_summary(name, report), _preview(examples), _problems_markdown(report),
