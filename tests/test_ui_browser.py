@@ -73,6 +73,24 @@ def fill_number(page, label: str, value) -> None:
     box.press("Tab")  # Gradio reads a number on blur
 
 
+def started_or_not(page) -> None:
+    """Wait for Start's answer; when it is not "Started", fail with what the page says instead."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    answer = page.get_by_text(re.compile(r"Started .* Expected to take about|Refused|Error|Busy")).first
+    try:
+        answer.wait_for()
+    except PlaywrightTimeout:
+        shot(page, "start-unanswered")
+        body = " ".join(page.inner_text("body").split())
+        raise AssertionError(f"Start answered nothing; the page (artifacts/screenshots/start-unanswered.png): "
+                             f"{body[:3000]}") from None
+    text = answer.inner_text()
+    if not text.startswith("▶ Started"):
+        shot(page, "start-refused")
+        raise AssertionError(f"Start did not start a run: {text}")
+
+
 def test_first_ten_minutes(tmp_path, page):
     """Welcome -> the demo's guided start -> the model choice -> a run to its end -> before / after in Chat."""
     from playwright.sync_api import expect
@@ -134,7 +152,7 @@ def test_first_ten_minutes(tmp_path, page):
         page.get_by_role("textbox", name=re.compile("^judge Judge of")).fill("number")
         fill_number(page, "eval steps", 3)
         page.get_by_role("button", name="▶ Start").click()
-        page.get_by_text(re.compile("Started .* Expected to take about")).wait_for()
+        started_or_not(page)
         expect(page.get_by_role("button", name=re.compile("Try the workflow in one minute"))).to_be_hidden()
         page.locator(".kto-finished").wait_for()
         # judged at steps 0, 3 and 6: plotted beside the loss, with what the judge saw first and last
