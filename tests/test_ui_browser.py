@@ -151,6 +151,9 @@ def test_first_ten_minutes(tmp_path, page):
         field(page, "eval prompts").fill(str(DEMO_HELDOUT))
         page.get_by_role("textbox", name=re.compile("^judge Judge of")).fill("number")
         fill_number(page, "eval steps", 3)
+        page.get_by_text("Show as recipe").click()  # the settings as the server reads them, before Start
+        page.get_by_role("button", name="Show the YAML and command for these settings").click()
+        page.get_by_text(re.compile(r"--eval_steps 3 .*--eval_prompts \S*demo_heldout\.jsonl --judge number")).wait_for()
         page.get_by_role("button", name="▶ Start").click()
         started_or_not(page)
         expect(page.get_by_role("button", name=re.compile("Try the workflow in one minute"))).to_be_hidden()
