@@ -38,15 +38,21 @@ def read_status(output_dir: str | Path) -> dict | None:
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """All complete lines of metrics.jsonl (a line being written right now is skipped)."""
-    path = Path(output_dir) / "metrics.jsonl"
+    return read_jsonl(Path(output_dir) / "metrics.jsonl")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The complete JSON lines of a file the library appends to (metrics, kept answers, samples): a line being
+    written right now, or cut short by a kill, is skipped; [] when there is no file."""
+    path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: U+2028 may sit inside a string
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            continue  # "" after the last newline, or a half-written line
     return rows
 
 

@@ -32,6 +32,7 @@ from kto_lite.generation import (
     generate_samples,
 )
 from kto_lite.judges import REFERENCE_COLUMNS, Judge, apply_judge, make_judge
+from kto_lite.runs import read_jsonl
 
 EXAMPLE_CHARS = 160
 INFORMATIONAL = ("adapter", "prompts")  # paths, spelled in many ways: their contents' hashes are compared  # how much of an example prompt and answer the summary shows
@@ -147,7 +148,7 @@ def resume_point(out: Path, meta: dict, n: int) -> int:
     if changed:
         raise UsageError(f"{out} holds samples made with other arguments ({'; '.join(changed)}); "
                              "rerun with the same ones to continue, or choose another --out")
-    rows = _read_lines(out) + _read_lines(failed_path)
+    rows = read_jsonl(out) + read_jsonl(failed_path)
     counts: dict[int, int] = {}
     for row in rows:
         counts[row["prompt_index"]] = counts.get(row["prompt_index"], 0) + 1
@@ -155,23 +156,10 @@ def resume_point(out: Path, meta: dict, n: int) -> int:
     while counts.get(start) == n:
         start += 1
     for path in (out, failed_path):  # drop the first incomplete prompt and anything cut short
-        kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _read_lines(path) if r["prompt_index"] < start)
+        kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in read_jsonl(path) if r["prompt_index"] < start)
         if path.exists() and path.read_text(encoding="utf-8") != kept:
             write_text(path, kept)
     return start
-
-
-def _read_lines(path: Path) -> list[dict]:
-    """The complete JSON lines of a file we wrote (a last line cut short by a kill is skipped)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # "" after the last newline, or a half-written line
-    return rows
 
 
 def _append(path: Path, rows: list[dict]) -> None:
@@ -188,7 +176,7 @@ def _append(path: Path, rows: list[dict]) -> None:
 def summarize(out: str | Path, prompts: Prompts | None = None) -> dict:
     """Counts of a samples file (and its failed rows), the desirable share, one example per label."""
     out = Path(out)
-    rows, failed = _read_lines(out), _read_lines(side_files(out)[1])
+    rows, failed = read_jsonl(out), read_jsonl(side_files(out)[1])
     labeled = [r for r in rows if "label" in r]
     desirable = [r for r in labeled if r["label"]]
     undesirable = [r for r in labeled if not r["label"]]

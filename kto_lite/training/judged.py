@@ -48,7 +48,7 @@ from kto_lite.errors import DataError
 from kto_lite.files import write_text
 from kto_lite.generation import Prompts, generate_samples, read_prompts
 from kto_lite.judges import INTERVAL, Judge, JudgeError, apply_judge, clustered_interval, make_judge
-from kto_lite.runs import BEST_CHECKPOINT, RunDir, best_checkpoint, read_metrics
+from kto_lite.runs import BEST_CHECKPOINT, RunDir, best_checkpoint, read_jsonl, read_metrics
 
 SAMPLES_KEPT = 4  # prompts whose first answer is kept in judged_samples.jsonl at every evaluation
 SAMPLES_FILE = "judged_samples.jsonl"
@@ -245,7 +245,7 @@ class JudgedEvaluation:
                     self.best = evaluation
         path = self.run.path / SAMPLES_FILE
         if self.accelerator.is_main_process and path.is_file():
-            kept = [row for row in _rows(path) if row["step"] <= start]
+            kept = [row for row in read_jsonl(path) if row["step"] <= start]
             write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
 
 
@@ -271,17 +271,5 @@ def summary_lines(rows: list[dict], result: dict) -> list[str]:
 
 def judged_samples(output_dir: str | Path) -> list[dict]:
     """The kept answers of every evaluation of a run (judged_samples.jsonl), oldest first; [] without any."""
-    return _rows(Path(output_dir) / SAMPLES_FILE)
+    return read_jsonl(Path(output_dir) / SAMPLES_FILE)
 
-
-def _rows(path: Path) -> list[dict]:
-    """The complete lines of a JSON-lines file (a line being written right now, or cut by a kill, is skipped)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
