@@ -19,12 +19,14 @@ same steps, learning rate halved in round 2); the variants differ only in their 
 Tasks, both judged by a program: `real` (recipes/real_task.py: single-digit sums, judged `number`) and `format`
 (recipes/format_task.py: the same sums asked as a JSON object, judged on the format, which the base model gets
 right in at most 10% of its samples). Held-out judged success per round, with the loop's 95% interval, the mean
-over seeds, and each variant's per-prompt difference from KTO pooled over seeds (the same held-out draws).
+over seeds, and each variant's difference from KTO paired by held-out prompt (the same prompts and draws within
+a seed): per seed, and pooled, each prompt's difference averaged over the seeds, with a 95% interval over prompts.
 A variant is a candidate for a default only where it beats KTO on both tasks (docs/methods.md).
 
 Resumable: the loop keeps finished rounds under <workdir>/<task>/<variant>/seed-<s>; rerun to continue. Variants
-may also run in separate invocations on the same workdir (on separate cores), then one invocation with all of
-them (their finished rounds are read back) compares them with KTO.
+and seeds may also run in separate invocations on the same workdir (on separate cores); then
+`--finished_only` trains nothing and compares every run there that finished all its rounds (read back, no model
+loaded), each variant with KTO on the seeds both ran.
 """
 
 from __future__ import annotations
@@ -94,48 +96,76 @@ def variant_loss(name: str):
         recipe_module.kto_loss, recipe_module.Recipe.setup = real_loss, real_setup
 
 
-def per_prompt(folder: Path) -> list[float]:
-    """A round's held-out success per prompt (the loop's eval_samples.jsonl), in prompt order."""
+def per_prompt(folder: Path) -> dict[int, float]:
+    """A round's held-out success per prompt (the loop's eval_samples.jsonl): prompt index -> share right."""
     counts: dict[int, list[int]] = {}
     for line in (folder / "eval_samples.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "label" in r:
             counts.setdefault(r["prompt_index"], []).append(int(r["label"]))
-    return [sum(v) / len(v) for _, v in sorted(counts.items())]
+    return {i: sum(v) / len(v) for i, v in counts.items()}
 
 
-def summarize(rows: dict, variants: list[str], rounds: int) -> dict:
-    """Per task, variant and round: the mean over seeds, the seeds, and against KTO the pooled paired difference."""
+def paired(runs: dict[int, dict], kto: dict[int, dict]) -> dict | None:
+    """A variant's round against KTO's on the seeds both ran: per seed the mean per-prompt difference, and pooled
+    the difference of each held-out prompt averaged over those seeds, with a 95% interval over the prompts (the
+    prompts are the units: the same prompts in every seed)."""
+    by_prompt: dict[int, list[float]] = {}
+    per_seed = {}
+    for seed in sorted(set(runs) & set(kto)):
+        a, b = per_prompt(Path(runs[seed]["adapter"])), per_prompt(Path(kto[seed]["adapter"]))
+        d = {i: a[i] - b[i] for i in a.keys() & b.keys()}
+        per_seed[seed] = round(statistics.fmean(d.values()), 4)
+        for i, x in d.items():
+            by_prompt.setdefault(i, []).append(x)
+    if not by_prompt:
+        return None
+    d = [statistics.fmean(v) for v in by_prompt.values()]
+    mean = statistics.fmean(d)
+    half = Z95 * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return {"diff": mean, "low": mean - half, "high": mean + half, "seeds": per_seed}
+
+
+def summarize(rows: dict, rounds: int) -> dict:
+    """Per task, variant and round: the mean over seeds, each seed's, and against KTO the paired difference."""
     out = {}
     for (task, variant), seeds in rows.items():
         for r in range(rounds + 1):
-            runs = [s[r] for s in seeds]
-            entry = {"success": statistics.fmean(x["accuracy"] for x in runs),
-                     "seeds": [(round(x["accuracy"], 4), round(x["low"], 4), round(x["high"], 4)) for x in runs]}
-            if variant != "kto" and r > 0 and (task, "kto") in rows:
-                d = [a - b for x, k in zip(runs, [s[r] for s in rows[(task, "kto")]])
-                     for a, b in zip(per_prompt(Path(x["adapter"])), per_prompt(Path(k["adapter"])))]
-                mean = statistics.fmean(d)
-                half = Z95 * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-                entry["vs_kto"] = {"diff": mean, "low": mean - half, "high": mean + half}
+            runs = {seed: s[r] for seed, s in seeds.items()}
+            entry = {"success": statistics.fmean(x["accuracy"] for x in runs.values()),
+                     "seeds": {seed: (round(x["accuracy"], 4), round(x["low"], 4), round(x["high"], 4))
+                               for seed, x in runs.items()}}
+            kto = {seed: s[r] for seed, s in rows.get((task, "kto"), {}).items()}
+            if variant != "kto" and r > 0 and (vs := paired(runs, kto)):
+                entry["vs_kto"] = vs
             out[f"{task}/{variant}/round-{r}"] = entry
     return out
 
 
 def table(summary: dict, tasks: list[str], variants: list[str], rounds: int) -> str:
-    lines = ["| task | variant | " + " | ".join(f"round {r}: held-out judged success (mean of seeds; vs KTO, paired)"
-                                               for r in range(1, rounds + 1)) + " |",
-             "|---|---|" + "---|" * rounds]
+    lines = ["| task | variant | seeds | " + " | ".join(f"round {r}: held-out judged success (mean of seeds; vs KTO, "
+                                                       "paired)" for r in range(1, rounds + 1)) + " |",
+             "|---|---|---|" + "---|" * rounds]
     for task in tasks:
-        base = summary.get(f"{task}/kto/round-0") or next(v for k, v in summary.items() if k.startswith(f"{task}/"))
-        lines.append(f"| {task} | base | {base['success']:.3f}" + " | -" * (rounds - 1) + " |")
-        for variant in variants:
+        ran = [v for v in variants if f"{task}/{v}/round-0" in summary]
+        if not ran:
+            continue
+        base = summary[f"{task}/{'kto' if 'kto' in ran else ran[0]}/round-0"]
+        lines.append(f"| {task} | base | {len(base['seeds'])} | {base['success']:.3f}" + " | -" * (rounds - 1) + " |")
+        for variant in ran:
             cells = []
             for r in range(1, rounds + 1):
                 e = summary[f"{task}/{variant}/round-{r}"]
                 cells.append(f"{e['success']:.3f}" + (f"; {signed(e['vs_kto'])}" if "vs_kto" in e else ""))
-            lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")
+            seeds = len(summary[f"{task}/{variant}/round-1"]["seeds"])
+            lines.append(f"| {task} | {variant} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def finished(folder: Path, rounds: int) -> bool:
+    """Whether a loop under `folder` has finished every round (its rounds can be read back without a model)."""
+    return (folder / "round-0.json").is_file() and all((folder / f"round-{r}" / "round.json").is_file()
+                                                       for r in range(1, rounds + 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/methods")
     parser.add_argument("--results", default="benchmarks/results/methods.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="train nothing: compare the runs under --workdir that finished every round (a variant "
+                             "may have fewer seeds; it is compared with KTO on the seeds both ran)")
     args = parser.parse_args(argv)
 
     rows: dict = {}
@@ -165,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SampleArgs(n=args.n, judge=task.JUDGE, **task.SAMPLING)
         for variant in args.variants:
             for seed in args.seeds:
+                if args.finished_only and not finished(work / variant / f"seed-{seed}", args.rounds):
+                    continue
                 config = TrainConfig(model=model, output_dir=str(work / variant / f"seed-{seed}"), seed=seed,
                                      save_steps=0, eval_steps=10**6, load_in_4bit=args.load_in_4bit,
                                      max_steps=args.max_steps, **VARIANTS[variant])
@@ -172,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 with variant_loss(variant):
                     table_rows = run_loop(config, loop_args, show_progress=not args.quiet,
                                           echo=(lambda line: None) if args.quiet else print)
-                rows.setdefault((task_name, variant), []).append(table_rows)
-    summary = summarize(rows, args.variants, args.rounds)
+                rows.setdefault((task_name, variant), {})[seed] = table_rows
+    summary = summarize(rows, args.rounds)
     text = table(summary, args.tasks, args.variants, args.rounds)
     print(text)
     save(args.results, {"environment": environment([sys.executable, *sys.argv]), "args": vars(args),

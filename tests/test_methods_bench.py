@@ -111,4 +111,38 @@ def test_methods_runs_every_variant_at_a_tiny_size(tmp_path, capsys):
             for v in ("kto", "humanline", "bco")}
     assert data["kto"] == data["humanline"] == data["bco"]
     assert TrainConfig.load(tmp_path / "work" / "demo" / "humanline" / "seed-0" / "round-1" / "config.yaml").humanline
-    assert "| demo | humanline |" in capsys.readouterr().out
+    assert "| demo | humanline | 1 |" in capsys.readouterr().out
+    # --finished_only reads the finished runs back and trains nothing: seed 1 never ran, so it is left out
+    again = tmp_path / "again.json"
+    assert methods.main(["--tasks", "demo", "--seeds", "0", "1", "--rounds", "2", *TINY, "--load_in_4bit", "false",
+                         "--workdir", str(tmp_path / "work"), "--results", str(again), "--finished_only"]) == 0
+    assert json.loads(again.read_text())["summary"] == json.loads(json.dumps(summary))
+    assert not (tmp_path / "work" / "demo" / "kto" / "seed-1").exists()
+
+
+def _eval_samples(folder: Path, labels: dict[int, list[int]]) -> dict:
+    """A finished round's eval_samples.jsonl as the loop writes it (label None: the judge could not label it)."""
+    folder.mkdir(parents=True)
+    (folder / "eval_samples.jsonl").write_text("".join(
+        json.dumps({"prompt_index": i, "sample_index": j, "completion": ""}
+                   | ({"judge_error": "no number"} if y is None else {"label": y})) + "\n"
+        for i, ys in labels.items() for j, y in enumerate(ys)))
+    return {"adapter": str(folder)}
+
+
+def test_variants_are_paired_with_kto_by_prompt_on_the_seeds_both_ran(tmp_path):
+    """Seed 0: differences per prompt [+0.5, 0, -1] (mean -1/6); seed 1: [+1, +0.5, 0] (mean +0.5); seed 2 only
+    KTO ran. Pooled: each prompt averaged over the two seeds, [0.75, 0.25, -0.5], then their mean and a 95%
+    interval over the three prompts; a prompt the judge labeled nothing in is left out of that seed."""
+    kto = {0: _eval_samples(tmp_path / "k0", {0: [0, 1], 1: [1, 1], 2: [1, 1]}),
+           1: _eval_samples(tmp_path / "k1", {0: [0, 0], 1: [0, 1], 2: [0, 0], 3: [1, 1]}),
+           2: _eval_samples(tmp_path / "k2", {0: [1, 1], 1: [1, 1], 2: [1, 1]})}
+    variant = {0: _eval_samples(tmp_path / "v0", {0: [1, 1], 1: [1, 1], 2: [0, 0]}),
+               1: _eval_samples(tmp_path / "v1", {0: [1, 1], 1: [1, 1], 2: [0, 0], 3: [None, None]})}
+    out = methods.paired(variant, kto)
+    assert out["seeds"] == {0: pytest.approx(-1 / 6, abs=1e-4), 1: 0.5}
+    pooled = [0.75, 0.25, -0.5]
+    mean, sd = sum(pooled) / 3, math.sqrt(sum((x - sum(pooled) / 3) ** 2 for x in pooled) / 2)
+    assert out["diff"] == pytest.approx(mean)
+    assert out["high"] - out["diff"] == pytest.approx(1.959963984540054 * sd / math.sqrt(3))
+    assert methods.paired(variant, {2: kto[2]}) is None  # no seed in common
