@@ -85,7 +85,7 @@ def train_judged(config: TrainConfig, *, quiet: bool) -> dict:
         start = time.perf_counter()
         train(dataclasses.replace(config, overwrite_output_dir=True), show_progress=not quiet)  # a failed try goes
         (out / "bench_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    return run_result(out)
+    return run_result(out) | {"seed": config.seed}
 
 
 def run_result(out: Path) -> dict:
@@ -100,26 +100,35 @@ def run_result(out: Path) -> dict:
             "per_prompt": record["last"]["per_prompt"], "seconds": seconds}
 
 
-def paired_difference(a: list[list[int]], b: list[list[int]]) -> dict:
-    """Mean per-prompt success difference a - b, with a normal 95% interval over prompts. (right, judged) counts per
-    prompt, in the same prompt order, from the same draws."""
-    d = [ya / ma - yb / mb for (ya, ma), (yb, mb) in zip(a, b) if ma and mb]
+def paired_by_prompt(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> dict | None:
+    """a - b on the seeds both ran ({seed: {prompt index: success}}, the same held-out prompts and draws within a
+    seed): per seed the mean difference over the prompts both judged, and pooled each prompt's difference averaged
+    over those seeds, with a normal 95% interval over prompts (the units: the same prompts in every seed). None
+    without a seed in common."""
+    by_prompt: dict[int, list[float]] = {}
+    per_seed = {}
+    for seed in sorted(a.keys() & b.keys()):
+        d = {i: a[seed][i] - b[seed][i] for i in a[seed].keys() & b[seed].keys()}
+        per_seed[seed] = round(statistics.fmean(d.values()), 4)
+        for i, x in d.items():
+            by_prompt.setdefault(i, []).append(x)
+    if not by_prompt:
+        return None
+    d = [statistics.fmean(v) for v in by_prompt.values()]
     mean = statistics.fmean(d)
     half = Z95 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"diff": mean, "low": mean - half, "high": mean + half, "prompts": len(d)}
+    return {"diff": mean, "low": mean - half, "high": mean + half, "seeds": per_seed, "prompts": len(d)}
 
 
 def pooled(results: list[dict], reference: list[dict] | None = None) -> dict:
-    """Over seeds: the mean success (and the seeds' range); against `reference` (the same seeds, in order), the
-    per-prompt differences of all seeds pooled into one mean with a normal interval over prompt x seed."""
+    """Over seeds: the mean success (and each seed's); against `reference` (runs of the same task, matched by
+    seed) the paired difference of paired_by_prompt."""
     out = {"success": statistics.fmean(r["success"] for r in results),
            "seeds": [round(r["success"], 4) for r in results]}
     if reference is not None:
-        d = [ya / ma - yb / mb for r, ref in zip(results, reference)
-             for (ya, ma), (yb, mb) in zip(r["per_prompt"], ref["per_prompt"]) if ma and mb]
-        mean = statistics.fmean(d)
-        half = Z95 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-        out["vs"] = {"diff": mean, "low": mean - half, "high": mean + half}
+        def by_seed(runs):
+            return {r["seed"]: {i: y / m for i, (y, m) in enumerate(r["per_prompt"]) if m} for r in runs}
+        out["vs"] = paired_by_prompt(by_seed(results), by_seed(reference))
     return out
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from judged_bench import Z95, default_model, environment, load_task, save, signed
+from judged_bench import default_model, environment, load_task, paired_by_prompt, save, signed
 
 import kto_lite.training.recipe as recipe_module
 from kto_lite.config import TrainConfig
@@ -107,23 +107,9 @@ def per_prompt(folder: Path) -> dict[int, float]:
 
 
 def paired(runs: dict[int, dict], kto: dict[int, dict]) -> dict | None:
-    """A variant's round against KTO's on the seeds both ran: per seed the mean per-prompt difference, and pooled
-    the difference of each held-out prompt averaged over those seeds, with a 95% interval over the prompts (the
-    prompts are the units: the same prompts in every seed)."""
-    by_prompt: dict[int, list[float]] = {}
-    per_seed = {}
-    for seed in sorted(set(runs) & set(kto)):
-        a, b = per_prompt(Path(runs[seed]["adapter"])), per_prompt(Path(kto[seed]["adapter"]))
-        d = {i: a[i] - b[i] for i in a.keys() & b.keys()}
-        per_seed[seed] = round(statistics.fmean(d.values()), 4)
-        for i, x in d.items():
-            by_prompt.setdefault(i, []).append(x)
-    if not by_prompt:
-        return None
-    d = [statistics.fmean(v) for v in by_prompt.values()]
-    mean = statistics.fmean(d)
-    half = Z95 * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-    return {"diff": mean, "low": mean - half, "high": mean + half, "seeds": per_seed}
+    """A variant's round against KTO's ({seed: round row}) on the seeds both ran (judged_bench.paired_by_prompt)."""
+    return paired_by_prompt({seed: per_prompt(Path(x["adapter"])) for seed, x in runs.items()},
+                            {seed: per_prompt(Path(x["adapter"])) for seed, x in kto.items()})
 
 
 def summarize(rows: dict, rounds: int) -> dict:

@@ -13,12 +13,13 @@ examples are thrown away. Measured here on the real-model task (recipes/real_tas
    epoch (fewer rows are fewer steps, as for a user who has less data), training seed s;
 3. every run judges its sampled answers to --eval_prompts held-out prompts during training (kto_lite's judged
    evaluation: step 0, which is the base, and the end); a fraction's number is the mean over seeds of the last
-   judged success, and its difference from f = 1 is paired by prompt and seed (the same draws).
+   judged success, and its difference from f = 1 is paired by prompt within each seed (the same draws), each
+   prompt's difference averaged over the seeds, with a 95% interval over prompts (judged_bench.paired_by_prompt).
 
 4. each --try NAME:FIELD=VALUE[,FIELD=VALUE] trains the smallest fraction again with those config fields changed
    (e.g. `no_rebalancing:desirable_weight=1,undesirable_weight=1`, `epochs_3:num_epochs=3`), the same data, seeds
-   and held-out draws, compared prompt by prompt with the defaults at that fraction: what to change where the
-   defaults do not hold.
+   (or --try_seeds, a subset) and held-out draws, compared prompt by prompt with the defaults at that fraction on
+   those seeds: what to change where the defaults do not hold.
 
 Resumable: finished runs are kept under <workdir>/runs; rerun the same command to continue. Prints a Markdown
 table and writes the results with the command, date and load average (--results).
@@ -73,11 +74,12 @@ def table(base: float, feedback: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def tries_table(fraction: float, default: dict, tries: list[dict]) -> str:
+def tries_table(fraction: float, default: list[dict], tries: list[dict]) -> str:
+    """The tries at the smallest fraction against `default`, that fraction's runs on the tries' seeds."""
     lines = [f"| {fraction:.0%} desirable, changed | steps | held-out judged success (mean of seeds) "
              "| per seed [95% interval] | vs the defaults, paired [95% CI] |", "|---|---|---|---|---|",
-             f"| nothing (the defaults) | {default['runs'][0]['steps']} | {default['pooled']['success']:.3f} | "
-             + "; ".join(interval(s["success"], s["low"], s["high"]) for s in default["runs"]) + " | - |"]
+             f"| nothing (the defaults) | {default[0]['steps']} | {pooled(default)['success']:.3f} | "
+             + "; ".join(interval(s["success"], s["low"], s["high"]) for s in default) + " | - |"]
     for t in tries:
         changes = ", ".join(f"`{k}: {v}`" for k, v in t["changes"].items())
         lines.append(f"| {changes} | {t['runs'][0]['steps']} | {t['pooled']['success']:.3f} | "
@@ -112,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results/rare_desirable.json")
     parser.add_argument("--try", dest="tries", type=parse_try, action="append", default=[],
                         help="NAME:FIELD=VALUE[,FIELD=VALUE]: the smallest fraction again with these fields changed")
+    parser.add_argument("--try_seeds", type=int, nargs="+",
+                        help="the seeds of the --try runs (default: --seeds), compared with the defaults on the same seeds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if not set(args.try_seeds or []) <= set(args.seeds):
+        parser.error("--try_seeds must be among --seeds: a try is compared with the defaults on the same seed")
     if 1.0 not in args.fractions:
         parser.error("--fractions must include 1 (all desirable rows): the others are compared with it")
 
@@ -124,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     feedback = sample_feedback(work, task, model, train_file, n=args.n, seed=args.feedback_seed,
                                load_in_4bit=args.load_in_4bit, quiet=args.quiet)
 
-    def runs_at(fraction: float, name: str = "", **changes) -> tuple[list[dict], dict]:
+    def runs_at(fraction: float, seeds: list[int], name: str = "", **changes) -> tuple[list[dict], dict]:
         runs, counts = [], {}
-        for seed in args.seeds:
+        for seed in seeds:
             data = work / "data" / f"f{fraction:g}_s{seed}.jsonl"
             counts = subset(work / "feedback.jsonl", data, fraction, seed)
             folder = work / "runs" / (f"f{fraction:g}_s{seed}" + (f"_{name}" if name else ""))
@@ -138,18 +144,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, full = [], None
     for fraction in sorted(args.fractions, reverse=True):
-        runs, counts = runs_at(fraction)
+        runs, counts = runs_at(fraction, args.seeds)
         full = runs if fraction == 1.0 else full
         rows.append({"fraction": fraction, "counts": counts, "runs": runs,
                      "pooled": pooled(runs, None if fraction == 1.0 else full)})
     tries = []
     for name, changes in args.tries:  # at the smallest fraction, against its defaults
-        runs, _ = runs_at(rows[-1]["fraction"], name, **changes)
+        runs, _ = runs_at(rows[-1]["fraction"], args.try_seeds or args.seeds, name, **changes)
         tries.append({"name": name, "changes": changes, "runs": runs, "pooled": pooled(runs, rows[-1]["runs"])})
     base = sum(r["start"] for r in full) / len(full)  # step 0 of every run is the base (its seed's draws)
     text = table(base, feedback, rows)
     if tries:
-        text += "\n\n" + tries_table(rows[-1]["fraction"], rows[-1], tries)
+        seeds = {r["seed"] for r in tries[0]["runs"]}
+        text += "\n\n" + tries_table(rows[-1]["fraction"], [r for r in rows[-1]["runs"] if r["seed"] in seeds], tries)
     print(text)
     save(args.results, {"environment": environment([sys.executable, *sys.argv]), "args": vars(args),
                         "feedback": feedback, "base": base, "rows": rows, "tries": tries, "table": text})

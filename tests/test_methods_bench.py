@@ -71,27 +71,33 @@ def test_a_try_must_name_fields_and_values():
     for bad in ("num_epochs=3", "epochs:", "epochs:num_epochs", ":num_epochs=3"):
         with pytest.raises(Exception, match="expected NAME:FIELD=VALUE"):
             rare_desirable.parse_try(bad)
+    with pytest.raises(SystemExit) as refused:  # a try is compared with the defaults on its own seed
+        rare_desirable.main(["--seeds", "0", "--try_seeds", "1", "--workdir", "unused"])
+    assert refused.value.code == 2
 
 
 def test_rare_desirable_runs_at_a_tiny_size(tmp_path, capsys):
     results = tmp_path / "rare.json"
-    assert rare_desirable.main(["--task", "demo", "--fractions", "1", "0.5", "--seeds", "0", *TINY,
+    assert rare_desirable.main(["--task", "demo", "--fractions", "1", "0.5", "--seeds", "0", "1", *TINY,
                                 "--load_in_4bit", "false", "--workdir", str(tmp_path / "work"),
-                                "--try", "flat:desirable_weight=1,undesirable_weight=1",
+                                "--try", "flat:desirable_weight=1,undesirable_weight=1", "--try_seeds", "1",
                                 "--results", str(results)]) == 0
     saved = json.loads(results.read_text())
     (flat,) = saved["tries"]  # the smallest fraction again, with the weights changed, against its defaults
-    assert flat["changes"] == {"desirable_weight": 1, "undesirable_weight": 1} and "vs" in flat["pooled"]
-    trained = TrainConfig.load(Path(flat["runs"][0]["run"]) / "config.yaml")
-    assert (trained.desirable_weight, trained.undesirable_weight) == (1.0, 1.0) and "f0.5_s0_flat" in flat["runs"][0]["run"]
+    assert flat["changes"] == {"desirable_weight": 1, "undesirable_weight": 1}
+    assert list(flat["pooled"]["vs"]["seeds"]) == ["1"]  # compared on its own seed only
+    (run,) = flat["runs"]
+    trained = TrainConfig.load(Path(run["run"]) / "config.yaml")
+    assert (trained.desirable_weight, trained.undesirable_weight) == (1.0, 1.0) and "f0.5_s1_flat" in run["run"]
     assert "`desirable_weight: 1`, `undesirable_weight: 1`" in saved["table"]
     full, half = saved["rows"]
     assert half["counts"]["undesirable"] == full["counts"]["undesirable"]  # only desirable rows are cut
     assert half["counts"]["desirable"] == round(full["counts"]["desirable"] / 2)
     for row in saved["rows"]:
-        run = row["runs"][0]
-        assert 0 <= run["low"] <= run["success"] <= run["high"] <= 1 and len(run["per_prompt"]) == 6
-    assert "vs" in half["pooled"] and "50%" in capsys.readouterr().out
+        assert [run["seed"] for run in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            assert 0 <= run["low"] <= run["success"] <= run["high"] <= 1 and len(run["per_prompt"]) == 6
+    assert list(half["pooled"]["vs"]["seeds"]) == ["0", "1"] and "50%" in capsys.readouterr().out
     assert saved["environment"]["command"] and saved["environment"]["load_average"]
 
 
