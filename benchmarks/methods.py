@@ -129,20 +129,23 @@ def summarize(rows: dict, rounds: int) -> dict:
 
 
 def table(summary: dict, tasks: list[str], variants: list[str], rounds: int) -> str:
-    lines = ["| task | variant | seeds | " + " | ".join(f"round {r}: held-out judged success (mean of seeds; vs KTO, "
-                                                       "paired)" for r in range(1, rounds + 1)) + " |",
+    lines = ["| task | variant | seeds | " + " | ".join(f"round {r}: held-out judged success, mean (each seed); vs KTO, "
+                                                       "paired" for r in range(1, rounds + 1)) + " |",
              "|---|---|---|" + "---|" * rounds]
     for task in tasks:
         ran = [v for v in variants if f"{task}/{v}/round-0" in summary]
         if not ran:
             continue
         base = summary[f"{task}/{'kto' if 'kto' in ran else ran[0]}/round-0"]
-        lines.append(f"| {task} | base | {len(base['seeds'])} | {base['success']:.3f}" + " | -" * (rounds - 1) + " |")
+        each = " / ".join(f"{x[0]:.2f}" for _, x in sorted(base["seeds"].items()))
+        lines.append(f"| {task} | base | {len(base['seeds'])} | {base['success']:.3f} ({each})" + " | -" * (rounds - 1)
+                     + " |")
         for variant in ran:
             cells = []
             for r in range(1, rounds + 1):
                 e = summary[f"{task}/{variant}/round-{r}"]
-                cells.append(f"{e['success']:.3f}" + (f"; {signed(e['vs_kto'])}" if "vs_kto" in e else ""))
+                each = " / ".join(f"{x[0]:.2f}" for _, x in sorted(e["seeds"].items()))
+                cells.append(f"{e['success']:.3f} ({each})" + (f"; {signed(e['vs_kto'])}" if "vs_kto" in e else ""))
             seeds = len(summary[f"{task}/{variant}/round-1"]["seeds"])
             lines.append(f"| {task} | {variant} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
