@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -37,14 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from judged_bench import paired_by_prompt, success_per_prompt  # noqa: E402
 
 from kto_lite.config import TrainConfig  # noqa: E402
 from kto_lite.feedback.evaluate import evaluate_one  # noqa: E402
 from kto_lite.feedback.sample import SampleArgs, sample_to_file  # noqa: E402
 from kto_lite.generation import load_models, model_spec, read_prompts  # noqa: E402
 from kto_lite.runs import read_metrics  # noqa: E402
-
-Z95 = 1.959963984540054
 
 
 def load_task():
@@ -58,19 +57,9 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict]) -> dict:
     """Mean per-prompt accuracy difference a - b with a 95% normal interval over prompts.
 
     Both lists hold judged samples {"prompt_index", "label"} of the same prompts drawn with the same
-    random numbers, so the per-prompt difference removes the prompt-to-prompt variance."""
-    def per_prompt(rows):
-        out: dict[int, list[int]] = {}
-        for r in rows:
-            if "label" in r:
-                out.setdefault(r["prompt_index"], []).append(int(r["label"]))
-        return {i: sum(v) / len(v) for i, v in out.items()}
-
-    a, b = per_prompt(rows_a), per_prompt(rows_b)
-    d = [a[i] - b[i] for i in sorted(set(a) & set(b))]
-    mean = statistics.fmean(d)
-    half = Z95 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"diff": mean, "low": mean - half, "high": mean + half, "prompts": len(d)}
+    random numbers, so the per-prompt difference removes the prompt-to-prompt variance (one seed of
+    judged_bench.paired_by_prompt)."""
+    return paired_by_prompt({0: success_per_prompt(rows_a)}, {0: success_per_prompt(rows_b)})
 
 
 def tail_mean(rows: list[dict], key: str, share: float = 0.1) -> float | None:

@@ -6,7 +6,7 @@ a run trains on); each run trains with kto_lite's own `train`, judging its sampl
 during training (kto_lite/training/judged.py: step 0, every eval_steps, the end), with answer j to prompt i
 drawn from the same seed in every run of the same training seed (common random numbers). A run's number is its
 last judged success with the clustered 95% interval; two runs of one seed are compared prompt by prompt (the
-mean per-prompt difference with a normal 95% interval over prompts: the prompt-to-prompt spread cancels).
+prompt-to-prompt spread cancels), and over seeds each prompt's difference is averaged first (paired_by_prompt).
 Nothing is downloaded but SmolLM2 (tests/real_model.py, from PyPI).
 """
 
@@ -98,6 +98,16 @@ def run_result(out: Path) -> dict:
             "high": last["eval_judged_success_high"], "start": judged[0]["eval_judged_success"],
             "curve": [[r["step"], r["eval_judged_success"]] for r in judged], "steps": read_status(out)["step"],
             "per_prompt": record["last"]["per_prompt"], "seconds": seconds}
+
+
+def success_per_prompt(rows: list[dict]) -> dict[int, float]:
+    """Judged answers ({"prompt_index", "label"} or {"prompt_index", "judge_error"}, as `evaluate` and the loop
+    write them) -> prompt index: the share judged right; answers the judge could not label are left out."""
+    counts: dict[int, list[int]] = {}
+    for r in rows:
+        if "label" in r:
+            counts.setdefault(r["prompt_index"], []).append(int(r["label"]))
+    return {i: sum(v) / len(v) for i, v in counts.items()}
 
 
 def paired_by_prompt(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> dict | None:

@@ -32,7 +32,6 @@ loaded), each variant with KTO on the seeds both ran.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from contextlib import contextmanager
@@ -40,12 +39,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from judged_bench import default_model, environment, load_task, paired_by_prompt, save, signed
+from judged_bench import (
+    default_model,
+    environment,
+    load_task,
+    paired_by_prompt,
+    save,
+    signed,
+    success_per_prompt,
+)
 
 import kto_lite.training.recipe as recipe_module
 from kto_lite.config import TrainConfig
 from kto_lite.feedback.loop import LoopArgs, run_loop
 from kto_lite.feedback.sample import SampleArgs
+from kto_lite.runs import read_jsonl
 from kto_lite.training.loss import KTOLossOutput
 
 VARIANTS = {"kto": {}, "humanline": {"humanline": True}, "bco": {}}
@@ -98,12 +106,7 @@ def variant_loss(name: str):
 
 def per_prompt(folder: Path) -> dict[int, float]:
     """A round's held-out success per prompt (the loop's eval_samples.jsonl): prompt index -> share right."""
-    counts: dict[int, list[int]] = {}
-    for line in (folder / "eval_samples.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "label" in r:
-            counts.setdefault(r["prompt_index"], []).append(int(r["label"]))
-    return {i: sum(v) / len(v) for i, v in counts.items()}
+    return success_per_prompt(read_jsonl(folder / "eval_samples.jsonl"))
 
 
 def paired(runs: dict[int, dict], kto: dict[int, dict]) -> dict | None:
